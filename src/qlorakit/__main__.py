@@ -1,0 +1,3 @@
+from qlorakit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""Format registry: the YAML value `quant.method` (or a GGUF tensor type) -> QuantFormat class.
+
+Entries are "module:Class" strings so that importing the registry imports no format module;
+each format is imported the first time it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from qlorakit.quant.base import QuantFormat
+
+FORMATS: dict[str, str] = {
+    "nf4": "qlorakit.quant.nf4:NF4",
+    "fp4": "qlorakit.quant.fp4:FP4",
+}
+
+
+def format_class(name: str) -> type[QuantFormat]:
+    """Return the QuantFormat subclass registered as `name`."""
+    try:
+        target = FORMATS[name]
+    except KeyError:
+        raise KeyError(f"unknown quantization format {name!r}; known: {', '.join(sorted(FORMATS))}") from None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def get_format(name: str, group_size: int | None = None, **options) -> QuantFormat:
+    """Instantiate format `name` with its default group size unless one is given."""
+    cls = format_class(name)
+    if group_size is None:
+        group_size = cls.default_group_size
+    return cls(group_size=group_size, **options)
