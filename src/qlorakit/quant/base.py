@@ -74,6 +74,7 @@ class QuantFormat(abc.ABC):
 
     name: ClassVar[str]
     bits: ClassVar[int]
+    default_group_size: ClassVar[int] = 64
     has_group_min: ClassVar[bool] = False
     symmetric: ClassVar[bool] = True
 
