@@ -13,6 +13,12 @@ from qlorakit.quant.base import QuantFormat
 FORMATS: dict[str, str] = {
     "nf4": "qlorakit.quant.nf4:NF4",
     "fp4": "qlorakit.quant.fp4:FP4",
+    "int4": "qlorakit.quant.int4:Int4",
+    "q4_0": "qlorakit.quant.q4_0:Q4_0",
+    "q4_1": "qlorakit.quant.q4_1:Q4_1",
+    "q5_0": "qlorakit.quant.q5_0:Q5_0",
+    "q5_1": "qlorakit.quant.q5_1:Q5_1",
+    "q8_0": "qlorakit.quant.q8_0:Q8_0",
 }
 
 

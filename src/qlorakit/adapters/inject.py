@@ -1,0 +1,94 @@
+"""Find the layers an adapter targets, wrap them, and freeze everything else.
+
+Target names follow peft: a target matches a module whose full name equals it or ends with
+"." + target; "all-linear" means every linear layer except the output head.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+from torch import nn
+
+from qlorakit.adapters.lora import LoraLinear
+from qlorakit.adapters.qalora import QALoraLinear
+from qlorakit.quant.replace import linear_layer_names, set_submodule
+
+
+class TargetError(ValueError):
+    """adapter.targets names modules the model does not have."""
+
+
+def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Full module names selected by `targets` ("all-linear" or a list of names)."""
+    candidates = linear_layer_names(model)
+    if targets == "all-linear":
+        return candidates
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    chosen = [name for name in candidates if any(name == t or name.endswith("." + t) for t in targets)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in candidates)]
+    if unmatched:
+        short = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise TargetError(
+            f"adapter.targets: {', '.join(unmatched)} matched no linear layer; this model has: {', '.join(short)}"
+        )
+    return chosen
+
+
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad False on every parameter (the adapters are added afterwards)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def add_adapters(
+    model: nn.Module,
+    targets: str | Sequence[str] = "all-linear",
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    kind: str = "lora",
+    group_size: int | None = None,
+) -> list[str]:
+    """Freeze the base, wrap each target layer in LoraLinear (or QALoraLinear); return the names.
+
+    This is also what peft calls prepare-for-k-bit-training: the base is frozen, adapter weights
+    are fp32; norms and embeddings keep the model dtype (transformers' RMSNorm/LayerNorm compute
+    in fp32 internally), and input gradients are enabled when gradient checkpointing needs them
+    (train/loop.py).
+    """
+    names = find_targets(model, targets)
+    freeze_base(model)
+    for name in names:
+        base = model.get_submodule(name)
+        if kind == "qalora":
+            if group_size is None:
+                raise ValueError("adapter.group_size: QA-LoRA needs a pooling group size")
+            wrapped = QALoraLinear(base, r, alpha, group_size, dropout, use_rslora)
+        elif kind == "lora":
+            wrapped = LoraLinear(base, r, alpha, dropout, use_rslora)
+        else:
+            raise ValueError(f"adapter.kind: unknown adapter kind {kind!r} (lora, qalora)")
+        wrapped.to(_device_of(base))
+        set_submodule(model, name, wrapped)
+    return names
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def adapter_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Name -> adapter layer for every LoraLinear/QALoraLinear in the model."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLinear)}
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

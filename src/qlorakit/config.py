@@ -1,0 +1,473 @@
+"""The training config: frozen dataclasses, mirrored one-to-one by the YAML file and `section.key=value`.
+
+A YAML config names only what it changes; every other key takes the default below. Values are checked
+when a section is built, so a `Config` that exists is a valid one; every error is a `ConfigError` whose
+one-line message names the key in dotted form (`adapter.r`), the bad value and what is allowed.
+
+Text from the command line is read with YAML scalar rules (`true`, `null`, `1e-3`), except that string
+keys keep the text as typed (`data.template=yes` stays "yes") and `adapter.targets=q_proj,v_proj` is a list.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tempfile
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or a value outside what it allows."""
+
+
+DTYPES = ("bf16", "fp16", "fp32")
+GGUF_GROUP_SIZE = 32  # every GGUF block format qlorakit handles (q4_0, q4_1, q5_*, q8_0) has 32-value blocks
+
+
+class _Section:
+    """Shared checks for the six sections: coerce each field to its annotated type, then check its value."""
+
+    _section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            key = f"{self._section}.{f.name}"
+            value = _coerce(key, hints[f.name], getattr(self, f.name))
+            object.__setattr__(self, f.name, value)  # frozen: normalise (int -> float, list -> tuple) once here
+            check = _CHECKS.get(key)
+            if check is not None and not check[0](value):
+                raise ConfigError(f"{key}: must be {check[1]}, got {_show(value)}")
+        self._check()
+
+    def _check(self) -> None:
+        """Checks that involve two keys of the same section."""
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    _section = "model"
+
+    name: str = "smollm2"
+    """Model source: `smollm2` (the embedded default), a Hugging Face directory, a `.gguf` file or a hub id."""
+    dtype: str = "bf16"
+    """Compute dtype of activations, adapters and unquantized layers: bf16, fp16 or fp32."""
+
+
+@dataclass(frozen=True)
+class QuantConfig(_Section):
+    _section = "quant"
+
+    method: str = "nf4"
+    """Base-weight format: nf4, fp4 (bitsandbytes-style 4-bit), int4 (asymmetric, per-group zero points),
+    gguf (keep each tensor of a .gguf source in its own block format) or none (LoRA on unquantized weights)."""
+    double_quant: bool = True
+    """nf4/fp4 only: quantize the per-block absmax scales again (8-bit), saving ~0.37 bits per weight."""
+    group_size: int = 64
+    """Values along in_features that share one scale: the block size of nf4/fp4, the group size of int4
+    (32, 64 or 128). Not used by gguf, whose blocks are always 32."""
+    quantize_lm_head: bool = False
+    """Quantize the output head too. Off by default: the head is small next to the error it adds to every logit."""
+
+    def _check(self) -> None:
+        if self.method == "int4" and self.group_size not in (32, 64, 128):
+            raise ConfigError(f"quant.group_size: must be one of 32, 64, 128 for quant.method int4, got {self.group_size}")
+
+    @property
+    def base_group_size(self) -> int | None:
+        """Group size of the base format as stored (32 for gguf), or None for unquantized bases."""
+        return {"gguf": GGUF_GROUP_SIZE, "none": None}.get(self.method, self.group_size)
+
+
+@dataclass(frozen=True)
+class AdapterConfig(_Section):
+    _section = "adapter"
+
+    kind: str = "lora"
+    """lora: x ↦ W0x + s·BAx (Hu et al. 2021). qalora: the same, with x average-pooled over each quantization
+    group first, so the update is constant inside a group and folds exactly into its zero point
+    (Xu et al. 2023, QA-LoRA); needs quant.method int4 or gguf."""
+    r: int = 16
+    """Rank of the update: A is (r, in_features), B is (out_features, r)."""
+    alpha: float = 32.0
+    """Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input during training, in [0, 1)."""
+    targets: str | tuple[str, ...] = "all-linear"
+    """`all-linear` (every linear layer but the output head) or module names such as ("q_proj", "v_proj").
+    YAML takes a list; `adapter.targets=q_proj,v_proj` on the command line becomes one."""
+    group_size: int | None = None
+    """QA-LoRA pooling width; null means the base format's group size. Must be a multiple of it for int4/gguf."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling s = alpha / sqrt(r) (Kalajdzievski 2023), so large ranks still learn."""
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    _section = "data"
+
+    path: str = "data/train.jsonl"
+    """Training data: a .jsonl/.json/.csv/.txt file, a directory of them, or a hub dataset id."""
+    format: str = "auto"
+    """Row layout: alpaca, chat, prompt-completion, text, or auto (guessed from the first row's keys)."""
+    template: str = "auto"
+    """How rows become text: auto (the tokenizer's chat template if it has one, else alpaca), alpaca,
+    chat, or the name of a registered template."""
+    train_on_prompt: bool = False
+    """Also compute the loss on prompt tokens. Off: prompt labels are -100, so only answers are learned."""
+    max_length: int = 512
+    """Tokens per example (or per packed sequence); longer examples are truncated."""
+    packing: bool = False
+    """Concatenate examples into max_length sequences so no step is spent on padding."""
+    val_fraction: float = 0.0
+    """Fraction of rows held out for validation loss, in [0, 1); 0 means no validation split."""
+    limit: int | None = None
+    """Use only the first `limit` rows after shuffling (null: all rows)."""
+    shuffle_seed: int = 42
+    """Seed of the row shuffle that precedes the validation split and `limit`."""
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    _section = "train"
+
+    output_dir: str = "runs/x"
+    """Run directory. One that already holds a run is refused unless --overwrite or resume is true."""
+    max_steps: int | None = 100
+    """Optimizer steps to run. Null to train for `epochs` instead; if both are set, max_steps wins."""
+    epochs: float | None = None
+    """Passes over the training rows (fractions allowed); used only when max_steps is null."""
+    batch_size: int = 4
+    """Sequences per forward/backward pass."""
+    grad_accum: int = 1
+    """Passes accumulated per optimizer step: the effective batch is batch_size * grad_accum."""
+    lr: float = 2.0e-4
+    """Peak learning rate, reached after warmup."""
+    schedule: str = "cosine"
+    """Learning-rate decay after warmup: constant, linear (to 0) or cosine (to 0)."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent ramping the learning rate linearly up from 0, in [0, 1)."""
+    max_grad_norm: float | None = 0.3
+    """Clip the global gradient norm to this (QLoRA's 0.3); null disables clipping."""
+    optimizer: str = "adamw"
+    """adamw (torch, fp32 states) or adamw8bit (bitsandbytes 8-bit states)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on adapter weights."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute."""
+    seed: int = 42
+    """Seed for adapter initialisation, dropout and batch order."""
+    save_every: int | None = 50
+    """Write a resumable checkpoint every this many steps (and at the end); null: only at the end."""
+    log_every: int = 1
+    """Append a line to metrics.jsonl every this many steps."""
+    eval_every: int | None = None
+    """Compute validation loss every this many steps (needs data.val_fraction > 0); null: only at the end."""
+    resume: bool = False
+    """Continue the run in output_dir from its latest checkpoint."""
+    tensorboard: bool = False
+    """Also write the logged scalars as TensorBoard events under output_dir/tensorboard."""
+    skip_nonfinite: bool = False
+    """Skip a batch whose loss is NaN or inf (and log it) instead of stopping the run."""
+
+    def _check(self) -> None:
+        if self.max_steps is None and self.epochs is None:
+            raise ConfigError("train.max_steps: must be a positive integer, or null when train.epochs is set, got null")
+
+
+@dataclass(frozen=True)
+class MergeConfig(_Section):
+    _section = "merge"
+
+    after_train: bool = False
+    """Merge into <output_dir>/merged as soon as training ends."""
+    dtype: str = "bf16"
+    """Dtype of the merged 16-bit model (the fold itself always runs in fp32)."""
+    into: str = "dequantized"
+    """dequantized: fold into the dequantized base and save a 16-bit model. original: fold into the base's
+    own quantized format (exact for QA-LoRA on int4/gguf: only zero points/mins change)."""
+    keep_lm_head_fp16: bool = False
+    """Save the output head in fp16 even when `dtype` is bf16."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole training config; its YAML form has one mapping per field, in this order."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name}: must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        method, kind = self.quant.method, self.adapter.kind
+        if kind == "qalora" and method not in ("int4", "gguf"):
+            raise ConfigError(
+                f"adapter.kind: qalora needs a base format with per-group zero points or mins "
+                f"(quant.method int4 or gguf), not quant.method {method}"
+            )
+        g, ag = self.quant.base_group_size, self.adapter.group_size
+        if ag is not None and method in ("int4", "gguf") and ag % g:
+            source = "quant.group_size" if method == "int4" else "the GGUF block size"
+            raise ConfigError(f"adapter.group_size: must be a multiple of {source} {g}, got {ag}")
+
+    @property
+    def adapter_group_size(self) -> int | None:
+        """QA-LoRA pooling width in effect: adapter.group_size, or the base format's group size."""
+        return self.adapter.group_size if self.adapter.group_size is not None else self.quant.base_group_size
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "quant": QuantConfig, "adapter": AdapterConfig,
+    "data": DataConfig, "train": TrainConfig, "merge": MergeConfig,
+}  # fmt: skip
+
+
+# --- value checks: key -> (predicate on the already type-checked value, what is allowed) ---------------
+
+def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+_POS_INT = (lambda v: v > 0), "a positive integer"
+_OPT_POS_INT = (lambda v: v is None or v > 0), "null or a positive integer"
+_NONNEG_INT = (lambda v: v >= 0), "an integer >= 0"
+_POS = (lambda v: v > 0), "a number > 0"
+_FRACTION = (lambda v: 0 <= v < 1), "a number in [0, 1)"
+_TEXT = (lambda v: v.strip() != ""), "a non-empty string"
+
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.name": _TEXT,
+    "model.dtype": _one_of(*DTYPES),
+    "quant.method": _one_of("nf4", "fp4", "int4", "gguf", "none"),
+    "quant.group_size": _POS_INT,
+    "adapter.kind": _one_of("lora", "qalora"),
+    "adapter.r": _POS_INT,
+    "adapter.alpha": _POS,
+    "adapter.dropout": _FRACTION,
+    "adapter.group_size": _OPT_POS_INT,
+    "data.path": _TEXT,
+    "data.format": _one_of("auto", "alpaca", "chat", "prompt-completion", "text"),
+    "data.template": _TEXT,
+    "data.max_length": _POS_INT,
+    "data.val_fraction": _FRACTION,
+    "data.limit": _OPT_POS_INT,
+    "data.shuffle_seed": _NONNEG_INT,
+    "train.output_dir": _TEXT,
+    "train.max_steps": _OPT_POS_INT,
+    "train.epochs": ((lambda v: v is None or v > 0), "null or a number > 0"),
+    "train.batch_size": _POS_INT,
+    "train.grad_accum": _POS_INT,
+    "train.lr": _POS,
+    "train.schedule": _one_of("constant", "linear", "cosine"),
+    "train.warmup_ratio": _FRACTION,
+    "train.max_grad_norm": ((lambda v: v is None or v > 0), "null (no clipping) or a number > 0"),
+    "train.optimizer": _one_of("adamw", "adamw8bit"),
+    "train.weight_decay": ((lambda v: v >= 0), "a number >= 0"),
+    "train.seed": _NONNEG_INT,
+    "train.save_every": _OPT_POS_INT,
+    "train.log_every": _POS_INT,
+    "train.eval_every": _OPT_POS_INT,
+    "merge.dtype": _one_of(*DTYPES),
+    "merge.into": _one_of("dequantized", "original"),
+}
+
+
+# --- types ---------------------------------------------------------------------------------------------
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML: null, true, 'text', [a, b]."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check `value` against the annotation `hint`; return it normalised (int -> float, list -> tuple)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if tuple in [typing.get_origin(a) for a in typing.get_args(hint)]:  # adapter.targets
+        return _targets(key, value)
+    ok = True
+    if hint is bool:
+        want, ok = "true or false", isinstance(value, bool)
+    elif hint is int:
+        want, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif hint is str:
+        want, ok = "a string", isinstance(value, str)
+    elif hint is float:
+        want = "a number"
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                ok = False
+        ok = ok and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    else:  # pragma: no cover - a field annotated with a type this function does not know
+        raise TypeError(f"{key}: unsupported annotation {hint!r}")
+    if not ok:
+        raise ConfigError(f"{key}: must be {'null or ' if optional else ''}{want}, got {_show(value)}")
+    return value
+
+
+def _targets(key: str, value: Any) -> str | tuple[str, ...]:
+    if value == "all-linear":
+        return value
+    names = value.split(",") if isinstance(value, str) else value
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        names = tuple(n.strip() for n in names)
+        if names and all(names):
+            return names
+    raise ConfigError(f"{key}: must be all-linear or a non-empty list of module names, got {_show(value)}")
+
+
+def _lookup(section: str, key: str | None = None) -> type:
+    """The section class, after checking that `section` (and `key`, when given) exist."""
+    cls = SECTIONS.get(section)
+    name = section if key is None else f"{section}.{key}"
+    if cls is None:
+        near = difflib.get_close_matches(section, SECTIONS, n=1)
+        hint = f"; did you mean {near[0] if key is None else f'{near[0]}.{key}'}?" if near else ""
+        raise ConfigError(f"{name}: unknown section {section!r}{hint} (sections: {', '.join(SECTIONS)})")
+    if key is not None and key not in _hints(cls):
+        near = [f"{section}.{k}" for k in difflib.get_close_matches(key, _hints(cls), n=1)]
+        near = near or [f"{s}.{key}" for s, c in SECTIONS.items() if key in _hints(c)]
+        hint = f"did you mean {near[0]}?" if near else f"{section} has {', '.join(_hints(cls))}"
+        raise ConfigError(f"{name}: unknown key; {hint}")
+    return cls
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value), the value read with YAML scalar rules."""
+    name, eq, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not (eq and dot and section and key):
+        raise ConfigError(f"{item!r}: an override must look like section.key=value, e.g. train.lr=1e-3")
+    hint = _hints(_lookup(section, key))[key]
+    if hint is str or (key == "targets" and not text.lstrip().startswith("[")):
+        return section, key, text  # as typed: `data.template=yes` is the string "yes", not true
+    try:
+        return section, key, yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{section}.{key}: cannot read {text!r} as a YAML value") from None
+
+
+# --- public functions ----------------------------------------------------------------------------------
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """Build a Config from {section: {key: value}}; sections and keys left out take their defaults."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"config: must be a mapping of sections ({', '.join(SECTIONS)}), got {_show(d)}")
+    sections = {}
+    for section, body in d.items():
+        cls = _lookup(str(section))
+        body = {} if body is None else body
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{section}: must be a mapping of keys, got {_show(body)}")
+        for key in body:
+            _lookup(section, str(key))
+        sections[section] = cls(**body)
+    return Config(**sections)
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as plain YAML-ready data: every key, sections in order, lists as lists."""
+    return {
+        name: {f.name: _plain(getattr(getattr(cfg, name), f.name)) for f in fields(cls)}
+        for name, cls in SECTIONS.items()
+    }
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A new Config with `section.key=value` overrides applied in order (a later one wins).
+
+    All overrides are applied before any check runs, so `adapter.kind=qalora quant.method=int4` works on
+    an nf4 config in either order.
+    """
+    changes: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        changes.setdefault(section, {})[key] = value
+    if not changes:
+        return cfg
+    return replace(cfg, **{s: replace(getattr(cfg, s), **kv) for s, kv in changes.items()})
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (None: all defaults) and apply `section.key=value` overrides in order.
+
+    File and overrides are merged before any value is checked, so an override can fix a bad file value.
+    """
+    raw: Any = {} if path is None else _read_yaml(Path(path))
+    raw = {} if raw is None else raw  # an empty file
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections ({', '.join(SECTIONS)}), got {_show(raw)}")
+    merged = {s: b for s, b in raw.items()}
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        body = merged.get(section)
+        body = {} if body is None else body
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{section}: must be a mapping of keys, got {_show(body)}")
+        merged[section] = {**body, key: value}
+    return config_from_dict(merged)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (every key), atomically: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# Resolved qlorakit config: every key, defaults included.\n"
+    text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,143 @@
+"""Read a GGUF file: config and tokenizer (through transformers), tensors (through gguf-py).
+
+transformers builds the config and tokenizer by parsing every metadata field, which takes
+~13 s for SmolLM2 (its 49,152-entry vocabulary is parsed item by item). The result depends only
+on the file, so it is saved once as plain Hugging Face files under the cache directory
+($QLORAKIT_CACHE, default ~/.cache/qlorakit) keyed by the file's path, size and mtime, and read
+from there afterwards (well under a second).
+
+Tensor names map to transformers' names with transformers' own GGUF name map, so an adapter
+trained here has the tensor names and q/k row order of
+`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+# Architectures whose GGUF conversion permutes the rows of attn_q / attn_k (llama.cpp's
+# convert_hf_to_gguf "permute" for rotary embeddings stored interleaved).
+QK_PERMUTED_ARCHITECTURES = {"llama", "mistral"}
+SUPPORTED_ARCHITECTURES = QK_PERMUTED_ARCHITECTURES | {"qwen2", "qwen3", "gemma", "phi3"}
+
+
+class GGUFError(ValueError):
+    """The GGUF file cannot be read (truncated, corrupted, unsupported)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORAKIT_CACHE", Path.home() / ".cache" / "qlorakit"))
+
+
+def _metadata_cache_dir(path: Path) -> Path:
+    import transformers
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return cache_root() / "gguf-metadata" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def load_gguf_metadata(path: str | os.PathLike):
+    """(config, tokenizer) of a GGUF file, from the cache when it is there."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    cached = _metadata_cache_dir(path)
+    if (cached / "complete").is_file():
+        return AutoConfig.from_pretrained(cached), AutoTokenizer.from_pretrained(cached)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as error:  # transformers raises many kinds on a bad file
+        raise GGUFError(f"{path}: cannot read GGUF metadata ({type(error).__name__}: {error})") from error
+    _write_metadata_cache(cached, config, tokenizer)
+    return config, tokenizer
+
+
+def _write_metadata_cache(target: Path, config, tokenizer) -> None:
+    """Save config + tokenizer under a temporary name, then rename: never a half-written cache."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "complete").write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, target)
+    except OSError:
+        pass  # an unwritable cache only costs time
+
+
+def open_reader(path: str | os.PathLike):
+    """gguf.GGUFReader over `path`, with a one-line error for a truncated or corrupted file."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as error:
+        raise GGUFError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
+
+
+def architecture(reader) -> str:
+    field = reader.fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def gguf_to_hf_names(model: nn.Module) -> dict[str, str]:
+    """GGUF tensor name -> transformers parameter name, from transformers' own map."""
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    return get_gguf_hf_weights_map(model, TensorProcessor(config=model.config.to_dict()))
+
+
+def unpermute_qk_rows(weight: Tensor, n_head: int) -> Tensor:
+    """Undo llama.cpp's rotary permutation of the rows of attn_q / attn_k.
+
+    llama.cpp stores, per head, the rows as interleaved pairs (d0, d_half, d1, d_half+1, ...);
+    transformers wants the two halves one after the other. Viewing the rows as
+    (n_head, head_dim / 2, 2) in GGUF order, the transformers order is (n_head, 2, head_dim / 2).
+    Works on dense (out, in) weights and on raw quantized rows (out, bytes_per_row) alike, since
+    blocks run along in_features and the permutation only moves whole rows.
+    """
+    rows = weight.shape[0]
+    half = rows // n_head // 2
+    grouped = weight.reshape(n_head, half, 2, *weight.shape[1:])  # (n_head, hd/2, 2, ...)
+    return grouped.transpose(1, 2).reshape(weight.shape)  # (n_head, 2, hd/2, ...) -> (out, ...)
+
+
+def permute_qk_rows(weight: Tensor, n_head: int) -> Tensor:
+    """Inverse of `unpermute_qk_rows`: transformers row order -> GGUF row order."""
+    rows = weight.shape[0]
+    half = rows // n_head // 2
+    grouped = weight.reshape(n_head, 2, half, *weight.shape[1:])  # (n_head, 2, hd/2, ...)
+    return grouped.transpose(1, 2).reshape(weight.shape)  # (n_head, hd/2, 2, ...) -> (out, ...)
+
+
+def qk_heads(hf_name: str, config) -> int | None:
+    """Number of heads whose rows are permuted in this tensor, or None if it is not permuted."""
+    if config.model_type not in QK_PERMUTED_ARCHITECTURES:
+        return None
+    if hf_name.endswith("q_proj.weight"):
+        return config.num_attention_heads
+    if hf_name.endswith("k_proj.weight"):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
+
+
+def dense_tensor(reader_tensor) -> Tensor:
+    """A GGUF tensor dequantized to an fp32 torch tensor in transformers' (out, in) shape."""
+    from gguf import dequantize
+
+    array = dequantize(reader_tensor.data, reader_tensor.tensor_type)
+    shape = tuple(int(n) for n in reversed(reader_tensor.shape.tolist()))  # gguf lists ne0 (in) first
+    return torch.from_numpy(array.reshape(shape).copy()).float()
+

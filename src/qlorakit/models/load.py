@@ -1,0 +1,160 @@
+"""Model sources -> a transformers causal LM (optionally quantized) and its tokenizer.
+
+    load_model("smollm2", dtype="bf16", quant="nf4")      # QLoRA base
+    load_model("path/to/hf-dir", quant="none")             # 16-bit base
+    build_skeleton("path/to/config-dir")                   # meta-device model, no weights
+
+Weights are read only from safetensors and GGUF; `trust_remote_code` stays off unless asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qlorakit.dtypes import to_torch_dtype
+from qlorakit.models import gguf_io
+from qlorakit.quant.replace import output_head_names
+from qlorakit.models.sources import ModelSource, ModelSourceError, resolve_source
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: ModelSource
+
+
+def _as_source(source: str | ModelSource) -> ModelSource:
+    return source if isinstance(source, ModelSource) else resolve_source(source)
+
+
+def load_config(source: str | ModelSource, trust_remote_code: bool = False):
+    """The transformers config of a source, without reading any weights."""
+    from transformers import AutoConfig
+
+    source = _as_source(source)
+    if source.kind == "gguf":
+        return gguf_io.load_gguf_metadata(source.location)[0]
+    try:
+        return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ModelSourceError(f"{source.spec}: cannot load its config ({error})".splitlines()[0]) from error
+
+
+def load_tokenizer(source: str | ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source = _as_source(source)
+    if source.kind == "gguf":
+        return gguf_io.load_gguf_metadata(source.location)[1]
+    if source.kind == "config_dir":
+        raise ModelSourceError(f"{source.spec}: holds only config.json, no tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_skeleton(config, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "meta", trust_remote_code: bool = False) -> nn.Module:
+    """A model of `config`'s architecture; on "meta" its parameters take no memory and are not
+    initialised, while buffers (rotary frequencies, ...) are real, computed by the model's code."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if str(device) == "meta":
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    source: str | ModelSource,
+    dtype: str = "bf16",
+    quant: str = "none",
+    group_size: int | None = None,
+    double_quant: bool = True,
+    quantize_lm_head: bool = False,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a causal LM in `dtype`, then quantize its linear layers with format `quant`.
+
+    quant: "none", "nf4", "fp4", "int4", or "gguf" (GGUF sources only: keep each tensor's own
+    block format). Returns the model in eval mode with every base parameter frozen.
+    """
+    source = _as_source(source)
+    torch_dtype = to_torch_dtype(dtype)
+    if source.kind == "config_dir":
+        raise ModelSourceError(f"{source.spec}: holds only config.json, no weights (enough for inspect, not for loading)")
+    if quant == "gguf" and source.kind != "gguf":
+        raise ModelSourceError(f"quant.method: gguf keeps a GGUF file's own block formats, but {source.spec} is not a .gguf file")
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    if source.kind == "gguf":
+        model = _load_gguf_dense(source, torch_dtype, progress)
+    else:
+        model = _load_hf(source, torch_dtype, trust_remote_code)
+    model.requires_grad_(False)
+    if quant not in ("none", "gguf"):
+        from qlorakit.quant.registry import get_format
+        from qlorakit.quant.replace import quantize_model
+
+        options = {"double_quant": double_quant} if quant in ("nf4", "fp4") else {}
+        fmt = get_format(quant, group_size=group_size if quant != "nf4" and quant != "fp4" else (group_size or 64), **options)
+        quantize_model(model, fmt, torch_dtype, quantize_lm_head, progress)
+    model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, source)
+
+
+def _load_hf(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelSourceError(f"{source.spec}: cannot load model ({first_line})") from error
+
+
+def _load_gguf_dense(source: ModelSource, dtype: torch.dtype, progress: bool) -> nn.Module:
+    """Build the architecture from the GGUF metadata and fill it with dequantized tensors."""
+    config = load_config(source)
+    if config.model_type not in gguf_io.SUPPORTED_ARCHITECTURES:
+        raise ModelSourceError(f"{source.spec}: GGUF architecture {config.model_type!r} is not supported yet")
+    model = build_skeleton(config, dtype, device="meta")
+    names = gguf_io.gguf_to_hf_names(model)
+    reader = gguf_io.open_reader(source.location)
+    state: dict[str, torch.Tensor] = {}
+    for tensor in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", disable=not progress, leave=False):
+        hf_name = names.get(tensor.name)
+        if hf_name is None:
+            continue  # e.g. rope frequency tables transformers recomputes
+        weight = gguf_io.dense_tensor(tensor)
+        heads = gguf_io.qk_heads(hf_name, config)
+        if heads is not None:
+            weight = gguf_io.unpermute_qk_rows(weight, heads)
+        state[hf_name] = weight.to(dtype)
+    return _materialise(model, state, source)
+
+
+def _materialise(model: nn.Module, state: dict[str, torch.Tensor], source: ModelSource) -> nn.Module:
+    """Put `state` into a model whose parameters are on the meta device, keeping tied weights tied."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    expected = {name for name, _ in model.named_parameters()}
+    missing = expected - set(state)
+    if tied:
+        missing -= {f"{name}.weight" for name in output_head_names(model)}
+    if missing:
+        raise ModelSourceError(f"{source.spec}: tensors missing from the file: {', '.join(sorted(missing)[:5])}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    return model

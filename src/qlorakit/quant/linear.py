@@ -1,0 +1,134 @@
+"""QuantLinear: a frozen linear layer whose weight is stored in a QuantFormat.
+
+    y = x · dequantize(W_q)ᵀ + b,   x: (..., in_features), y: (..., out_features)
+
+The dense weight exists only inside `dequantized_matmul`: it is rebuilt for the forward and
+again for the backward (gradient with respect to x only: the base weight is frozen), so a
+step never keeps a 16-bit copy of the model alive. Every call order (generate, then train, then
+merge) is correct because the stored codes are never modified in place, unlike bitsandbytes
+0.50.2's `nn.Linear4bit`, which repacks its weight on the first no-grad CPU forward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from qlorakit.quant.base import QuantFormat, QuantizedWeight
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """x @ W.T with W rebuilt by `dequantize()` in forward and backward (never saved)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dequantize: Callable[[], Tensor]) -> Tensor:
+        ctx.dequantize = dequantize
+        return x @ dequantize().t()  # (..., in) @ (in, out) -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_output @ ctx.dequantize(), None  # (..., out) @ (out, in) -> (..., in)
+
+
+def dequantized_matmul(x: Tensor, dequantize: Callable[[], Tensor]) -> Tensor:
+    """x @ dequantize().T without keeping the dense weight for the backward pass."""
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return x @ dequantize().t()  # (..., out)
+    return _DequantizedMatmul.apply(x, dequantize)
+
+
+class QuantLinear(nn.Module):
+    """Linear layer over a quantized, frozen weight.
+
+    Args:
+        qweight: the quantized (out_features, in_features) weight.
+        fmt: the format that reads it back.
+        bias: optional (out_features,) bias, kept frozen in `compute_dtype`.
+        compute_dtype: dtype of the matmul (bf16, fp16 or fp32); inputs are cast to it.
+        source_layout: "linear" for nn.Linear, "conv1d" for GPT-2's Conv1D whose dense weight
+            is stored (in_features, out_features); merges and exports restore that layout.
+    """
+
+    def __init__(
+        self,
+        qweight: QuantizedWeight,
+        fmt: QuantFormat,
+        bias: Tensor | None = None,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        source_layout: str = "linear",
+    ):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.fmt = fmt
+        self.group_size = qweight.group_size
+        self.options = dict(qweight.options)
+        self.compute_dtype = compute_dtype
+        self.source_layout = source_layout
+        self._tensor_names = list(qweight.tensors)
+        for name, tensor in qweight.tensors.items():
+            self.register_buffer(f"qweight_{name}", tensor)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(
+        cls, module: nn.Module, fmt: QuantFormat, compute_dtype: torch.dtype = torch.bfloat16
+    ) -> "QuantLinear":
+        """Quantize an nn.Linear or a transformers Conv1D (weight (in, out)) into a QuantLinear."""
+        weight, layout = dense_weight_of(module)
+        return cls(fmt.quantize(weight), fmt, module.bias, compute_dtype, layout)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        tensors = {name: getattr(self, f"qweight_{name}") for name in self._tensor_names}
+        return QuantizedWeight(self.fmt.name, (self.out_features, self.in_features), self.group_size, tensors, self.options)
+
+    def set_qweight(self, qweight: QuantizedWeight) -> None:
+        """Replace the stored quantized weight (same format and shape)."""
+        if qweight.shape != (self.out_features, self.in_features) or qweight.format != self.fmt.name:
+            raise ValueError(f"expected a {self.fmt.name} weight of shape {(self.out_features, self.in_features)}")
+        for name, tensor in qweight.tensors.items():
+            setattr(self, f"qweight_{name}", tensor)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense (out_features, in_features) weight in `dtype` (default: compute dtype)."""
+        return self.fmt.dequantize(self.qweight, dtype or self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = dequantized_matmul(x.to(self.compute_dtype), self.dequantize_weight)  # (..., out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
+            f"group_size={self.group_size}, compute_dtype={self.compute_dtype}, bias={self.bias is not None}"
+        )
+
+
+def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
+    """(weight as (out_features, in_features), layout) for nn.Linear, Conv1D or QuantLinear."""
+    if isinstance(module, QuantLinear):
+        return module.dequantize_weight(torch.float32), module.source_layout
+    if isinstance(module, nn.Linear):
+        return module.weight, "linear"
+    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight (in, out)
+        return module.weight.t(), "conv1d"
+    raise TypeError(f"not a linear layer: {type(module).__name__}")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear-like module, or None if it is not one."""
+    if isinstance(module, (nn.Linear, QuantLinear)):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        in_features, out_features = module.weight.shape
+        return in_features, out_features
+    return None
