@@ -1,2 +1,93 @@
-def main(argv=None):
+"""The `qlorakit` command: parse arguments, call library functions, print.
+
+Every command prints human-readable tables by default and exactly one JSON object on stdout
+with --json (messages go to stderr). Any error exits 1 with one line on stderr; --debug adds
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(function):
+        COMMANDS[name] = function
+        return function
+
+    return register
+
+
+def _targets(value: str) -> str | list[str]:
+    return value if value == "all-linear" else [t.strip() for t in value.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlorakit", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
+    p = sub.add_parser("inspect", parents=[common], help="parameter counts and memory before loading any weights")
+    p.add_argument("model", help="smollm2, a .gguf file, a HF directory, a config-only directory or a hub id")
+    p.add_argument("--quant", default="nf4", help="nf4 | fp4 | int4 | none (default nf4)")
+    p.add_argument("--group-size", type=int, default=None, help="block/group size of the format")
+    p.add_argument("--no-double-quant", action="store_true", help="nf4/fp4 without double quantization")
+    p.add_argument("--dtype", default="bf16", help="16-bit dtype of the other parameters (bf16 | fp16 | fp32)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (0: no adapter)")
+    p.add_argument("--lora-targets", type=_targets, default="all-linear", help="all-linear or comma-separated module names")
+    return parser
+
+
+@command("inspect")
+def _inspect(args: argparse.Namespace) -> int:
+    from qlorakit.inspect import format_report, inspect_model
+
+    report = inspect_model(
+        args.model,
+        quant=args.quant,
+        dtype=args.dtype,
+        lora_r=args.lora_r or None,
+        lora_targets=args.lora_targets,
+        group_size=args.group_size,
+        double_quant=not args.no_double_quant,
+    )
+    _emit(args, report.to_dict(), format_report(report))
     return 0
+
+
+def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload, default=str))
+    else:
+        print(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except KeyboardInterrupt:
+        print("qlorakit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure becomes one line; --debug shows where
+        if args.debug:
+            traceback.print_exc()
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"qlorakit {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -67,9 +67,13 @@ def build_skeleton(config, dtype: torch.dtype = torch.bfloat16, device: str | to
 
     if str(device) == "meta":
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
 
 
 def load_model(

@@ -93,6 +93,14 @@ class Absmax4bit(QuantFormat):
     default_group_size = 64
     symmetric = False  # bitsandbytes' code tables are not symmetric around zero (NF4 has 8 positive levels)
 
+    def storage_bytes(self, out_features: int, in_features: int) -> tuple[int, int]:
+        n = out_features * in_features
+        blocks = -(-n // self.group_size)
+        if not self.double_quant:
+            return n // 2, blocks * 4  # fp32 absmax per block
+        nested = -(-blocks // NESTED_GROUP_SIZE)
+        return n // 2, blocks + nested * 4 + 256 * 4 + 4  # uint8 absmax, fp32 scales, code, offset
+
     def __init__(self, group_size: int = 64, double_quant: bool = True):
         super().__init__(group_size)
         self.double_quant = double_quant

@@ -75,6 +75,7 @@ class QuantFormat(abc.ABC):
     name: ClassVar[str]
     bits: ClassVar[int]
     default_group_size: ClassVar[int] = 64
+    stats_bytes_per_group: ClassVar[int] = 0  # scale (+ zero/min) bytes stored per group
     has_group_min: ClassVar[bool] = False
     symmetric: ClassVar[bool] = True
 
@@ -90,6 +91,12 @@ class QuantFormat(abc.ABC):
     @abc.abstractmethod
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
         """Return the dense (out_features, in_features) weight in `dtype`."""
+
+    def storage_bytes(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """(bytes of codes, bytes of per-group statistics) for a weight of this shape, without
+        quantizing anything (used by `inspect` and `plan`)."""
+        n = out_features * in_features
+        return n * self.bits // 8, -(-n // self.group_size) * self.stats_bytes_per_group
 
     def check_shape(self, weight: Tensor) -> tuple[int, int]:
         if weight.dim() != 2:

@@ -73,16 +73,24 @@ def f16_bytes(values: Tensor) -> Tensor:
     return values.to(torch.float16).contiguous().view(torch.uint8)  # (..., 2)
 
 
-def unpack_codes(blocks: Tensor, layout: BlockLayout) -> Tensor:
-    """The 32 unsigned codes of every block: uint8 (..., bytes) -> uint8 (..., 32). q8_0 is signed: not here."""
+def unpack_codes(blocks: Tensor, layout: BlockLayout, out: Tensor | None = None) -> Tensor:
+    """The 32 unsigned codes of every block: uint8 (..., bytes) -> (..., 32). q8_0 is signed: not here.
+
+    `out` (..., 32), of any dtype, receives the codes (dequantize passes an fp32 buffer, which saves
+    a cast and a concatenation); without it a uint8 tensor is returned.
+    """
     qs = blocks[..., layout.qs : layout.qs + 16]  # (..., 16)
-    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # (..., 32): values 0..15 then 16..31
+    lo, hi = qs & 0x0F, qs >> 4  # (..., 16) each: values 0..15 and 16..31
     if layout.qh is not None:
         qh = blocks[..., layout.qh : layout.qh + 4]  # (..., 4): little-endian uint32
         shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device)
-        high = (qh.unsqueeze(-1) >> shifts) & 1  # (..., 4, 8): bit b of byte k is value 8k + b
-        codes = codes | (high.flatten(-2) << 4)  # (..., 32)
-    return codes
+        high = (((qh.unsqueeze(-1) >> shifts) & 1) << 4).flatten(-2)  # (..., 4, 8) -> (..., 32): bit 8k+b
+        lo, hi = lo | high[..., :16], hi | high[..., 16:]
+    if out is None:
+        out = torch.empty(*blocks.shape[:-1], BLOCK, dtype=torch.uint8, device=blocks.device)  # (..., 32)
+    out[..., :16] = lo
+    out[..., 16:] = hi
+    return out
 
 
 def pack_codes(codes: Tensor, layout: BlockLayout) -> Tensor:
@@ -137,7 +145,7 @@ class GGUFBlockFormat(QuantFormat):
         w = weight.detach().float()
         if not torch.isfinite(w).all():
             raise QuantizationError(f"{self.name}: weight has inf or nan values")
-        w = w.view(out_features, in_features // BLOCK, BLOCK)  # (out, nblocks, 32)
+        w = w.reshape(out_features, in_features // BLOCK, BLOCK)  # (out, nblocks, 32); copies a transposed weight
         d, m, codes = self.quantize_blocks(w)
         parts = [f16_bytes(d)]  # (out, nblocks, 2)
         if m is not None:
@@ -170,16 +178,17 @@ class GGUFBlockFormat(QuantFormat):
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
         """w = d * (q - zero) or w = d * q + m per block, in fp32, then cast to `dtype`."""
         blocks = self.blocks(q)  # (out, nblocks, bytes)
-        d = read_f16(blocks, 0)  # (out, nblocks, 1)
+        # One fp32 buffer updated in place: ~3x faster than cat + cast + out-of-place maths on one core.
+        w = torch.empty(*blocks.shape[:-1], BLOCK, dtype=torch.float32, device=blocks.device)  # (out, nblocks, 32)
         if self.layout.bits == 8:
-            codes = blocks[..., 2:].view(torch.int8).float()  # (out, nblocks, 32)
+            w.copy_(blocks[..., 2:].view(torch.int8))
         else:
-            codes = unpack_codes(blocks, self.layout).float()  # (out, nblocks, 32)
+            unpack_codes(blocks, self.layout, out=w)
+        if self.zero:
+            w -= self.zero  # exact: small integers
+        w *= read_f16(blocks, 0)
         if self.layout.m is not None:
-            w = d * codes
             w += read_f16(blocks, self.layout.m)  # a separate rounding, as gguf-py (no FMA)
-        else:
-            w = d * (codes - self.zero) if self.zero else d * codes
         return w.view(q.shape).to(dtype)  # (out, in)
 
     def add_group_offset(self, q: QuantizedWeight, offset: Tensor) -> QuantizedWeight:

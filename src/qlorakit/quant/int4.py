@@ -41,6 +41,7 @@ class Int4(QuantFormat):
 
     name = "int4"
     bits = 4
+    stats_bytes_per_group = 4  # fp16 scale and min
     default_group_size = 64
     has_group_min = True
     symmetric = False
@@ -56,7 +57,7 @@ class Int4(QuantFormat):
             raise QuantizationError(
                 f"int4: in_features {in_features} is not a multiple of group_size {self.group_size}"
             )
-        w = weight.detach().float().view(out_features, -1, self.group_size)  # (out, ngroups, G)
+        w = weight.detach().float().reshape(out_features, -1, self.group_size)  # (out, ngroups, G)
         if not torch.isfinite(w).all():
             raise QuantizationError("int4: weight has inf or nan values")
         lo = w.amin(dim=-1)  # (out, ngroups)

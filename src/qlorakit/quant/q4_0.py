@@ -25,6 +25,7 @@ class Q4_0(GGUFBlockFormat):
     name = "q4_0"
     ggml_type = "Q4_0"
     bits = 4
+    stats_bytes_per_group = 2  # fp16 d
     zero = 8
     has_group_min = True  # through the lossless conversion to q4_1
     symmetric = True

@@ -19,6 +19,7 @@ class Q4_1(GGUFBlockFormat):
     name = "q4_1"
     ggml_type = "Q4_1"
     bits = 4
+    stats_bytes_per_group = 4  # fp16 d and m
     has_group_min = True
     symmetric = False
     layout = BlockLayout(bytes_per_block=20, m=2, qh=None, qs=4, bits=4)

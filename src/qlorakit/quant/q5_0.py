@@ -25,6 +25,7 @@ class Q5_0(GGUFBlockFormat):
     name = "q5_0"
     ggml_type = "Q5_0"
     bits = 5
+    stats_bytes_per_group = 2  # fp16 d
     zero = 16
     has_group_min = True  # through the lossless conversion to q5_1
     symmetric = True

@@ -19,6 +19,7 @@ class Q5_1(GGUFBlockFormat):
     name = "q5_1"
     ggml_type = "Q5_1"
     bits = 5
+    stats_bytes_per_group = 4  # fp16 d and m
     has_group_min = True
     symmetric = False
     layout = BlockLayout(bytes_per_block=24, m=2, qh=4, qs=8, bits=5)

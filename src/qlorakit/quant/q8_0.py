@@ -27,6 +27,7 @@ class Q8_0(GGUFBlockFormat):
     name = "q8_0"
     ggml_type = "Q8_0"
     bits = 8
+    stats_bytes_per_group = 2  # fp16 d
     has_group_min = False
     symmetric = True
     layout = BlockLayout(bytes_per_block=34, m=None, qh=None, qs=2, bits=8)

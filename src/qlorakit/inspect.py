@@ -1,0 +1,181 @@
+"""`qlorakit inspect`: parameter counts and memory, from the architecture alone.
+
+Nothing is loaded but the config: the model is built on the meta device, every linear layer
+that quantization would replace is counted at the format's storage size, and the LoRA
+parameters are counted from the shapes of the layers they would wrap:
+
+    LoRA parameters of one layer = r · (in_features + out_features)
+    (QA-LoRA: r · (in_features / G + out_features))
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from qlorakit.adapters.inject import find_targets
+from qlorakit.dtypes import to_torch_dtype
+from qlorakit.models.load import build_skeleton, load_config
+from qlorakit.models.sources import resolve_source
+from qlorakit.quant.replace import linear_layer_names, output_head_names
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class ModuleGroup:
+    """All modules sharing a leaf name and class, e.g. the 30 `q_proj` Linear layers."""
+
+    name: str
+    kind: str
+    count: int
+    shapes: list[list[int]]
+    dtype: str
+    quantized: bool
+    parameters: int
+    bytes: int
+
+
+@dataclass
+class InspectReport:
+    model: str
+    architecture: str
+    source_kind: str
+    dtype: str
+    quant: str
+    total_parameters: int
+    quantized_parameters: int
+    memory_mib_before: float
+    memory_mib_after: float
+    memory_mib_quant_stats: float
+    lora_r: int | None
+    lora_targets: list[str] | str | None
+    lora_layers: int
+    trainable_parameters: int
+    all_parameters: int
+    trainable_percent: float
+    modules: list[ModuleGroup] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def inspect_model(
+    source: str,
+    quant: str = "nf4",
+    dtype: str = "bf16",
+    lora_r: int | None = 16,
+    lora_targets: str | list[str] = "all-linear",
+    group_size: int | None = None,
+    double_quant: bool = True,
+    quantize_lm_head: bool = False,
+) -> InspectReport:
+    resolved = resolve_source(source)
+    config = load_config(resolved)
+    torch_dtype = to_torch_dtype(dtype)
+    model = build_skeleton(config, torch_dtype, device="meta")
+    fmt = _format(quant, group_size, double_quant)
+    quantized_names = set(linear_layer_names(model, include_head=quantize_lm_head)) if fmt else set()
+    element = torch_dtype.itemsize
+
+    groups: OrderedDict[tuple[str, str], ModuleGroup] = OrderedDict()
+    seen: set[int] = set()
+    total = quantized = before = after = stats = 0
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for p in own)
+        count = sum(p.numel() for p in own)
+        is_quantized = name in quantized_names
+        nbytes = count * element
+        if is_quantized:
+            weight = module.weight
+            out_f, in_f = weight.shape if isinstance(module, nn.Linear) else tuple(reversed(weight.shape))
+            code_bytes, stat_bytes = fmt.storage_bytes(out_f, in_f)
+            bias = count - weight.numel()
+            nbytes = code_bytes + bias * element
+            stats += stat_bytes
+            quantized += weight.numel()
+        total += count
+        before += count * element
+        after += nbytes
+        leaf = name.rsplit(".", 1)[-1] or type(module).__name__
+        key = (leaf, type(module).__name__)
+        group = groups.get(key)
+        shape = list(own[0].shape)
+        if group is None:
+            groups[key] = ModuleGroup(leaf, type(module).__name__, 1, [shape], fmt.name if is_quantized else dtype, is_quantized, count, nbytes)
+        else:
+            group.count += 1
+            group.parameters += count
+            group.bytes += nbytes
+            if shape not in group.shapes:
+                group.shapes.append(shape)
+
+    trainable, layers = (0, 0)
+    if lora_r:
+        targets = find_targets(model, lora_targets)
+        layers = len(targets)
+        for target in targets:
+            module = model.get_submodule(target)
+            in_f, out_f = (module.in_features, module.out_features) if isinstance(module, nn.Linear) else tuple(module.weight.shape)
+            trainable += lora_r * (in_f + out_f)
+    all_parameters = total + trainable
+    return InspectReport(
+        model=resolved.name,
+        architecture=config.model_type,
+        source_kind=resolved.kind,
+        dtype=dtype,
+        quant=quant,
+        total_parameters=total,
+        quantized_parameters=quantized,
+        memory_mib_before=before / MIB,
+        memory_mib_after=after / MIB,
+        memory_mib_quant_stats=stats / MIB,
+        lora_r=lora_r,
+        lora_targets=lora_targets if lora_r else None,
+        lora_layers=layers,
+        trainable_parameters=trainable,
+        all_parameters=all_parameters,
+        trainable_percent=100.0 * trainable / all_parameters if all_parameters else 0.0,
+        modules=list(groups.values()),
+    )
+
+
+def _format(quant: str, group_size: int | None, double_quant: bool):
+    if quant == "none":
+        return None
+    from qlorakit.quant.registry import get_format
+
+    options = {"double_quant": double_quant} if quant in ("nf4", "fp4") else {}
+    return get_format(quant, group_size=group_size, **options)
+
+
+def format_report(report: InspectReport) -> str:
+    """Human-readable tables of an InspectReport."""
+    lines = [
+        f"model        {report.model} ({report.architecture}, {report.source_kind})",
+        f"parameters   {report.total_parameters:,} base"
+        + (f" ({report.quantized_parameters:,} quantized to {report.quant})" if report.quantized_parameters else ""),
+        "",
+        f"{'module':<26}{'type':<14}{'count':>6}  {'shape':<24}{'dtype':<7}{'params':>14}{'MiB':>10}",
+    ]
+    for g in report.modules:
+        shape = ", ".join("x".join(map(str, s)) for s in g.shapes[:2]) + (" ..." if len(g.shapes) > 2 else "")
+        lines.append(f"{g.name:<26}{g.kind:<14}{g.count:>6}  {shape:<24}{g.dtype:<7}{g.parameters:>14,}{g.bytes / MIB:>10.2f}")
+    lines += [
+        "",
+        f"memory       {report.memory_mib_before:,.2f} MiB in {report.dtype} before quantization",
+        f"             {report.memory_mib_after:,.2f} MiB after ({report.quant} linear weights + {report.dtype} other parameters)"
+        + (f" + {report.memory_mib_quant_stats:.2f} MiB quantization statistics" if report.memory_mib_quant_stats else ""),
+    ]
+    if report.lora_r:
+        targets = report.lora_targets if isinstance(report.lora_targets, str) else ",".join(report.lora_targets)
+        lines += [
+            f"LoRA         r={report.lora_r} on {report.lora_layers} layers ({targets})",
+            f"trainable    {report.trainable_parameters:,} of {report.all_parameters:,} ({report.trainable_percent:.4f}%)",
+        ]
+    return "\n".join(lines)
