@@ -55,7 +55,6 @@ class _Section:
 @dataclass(frozen=True)
 class ModelConfig(_Section):
     _section = "model"
-
     name: str = "smollm2"
     """Model source: `smollm2` (the embedded default), a Hugging Face directory, a `.gguf` file or a hub id."""
     dtype: str = "bf16"
@@ -65,21 +64,19 @@ class ModelConfig(_Section):
 @dataclass(frozen=True)
 class QuantConfig(_Section):
     _section = "quant"
-
     method: str = "nf4"
-    """Base-weight format: nf4, fp4 (bitsandbytes-style 4-bit), int4 (asymmetric, per-group zero points),
-    gguf (keep each tensor of a .gguf source in its own block format) or none (LoRA on unquantized weights)."""
+    """Base format: nf4, fp4, int4 (per-group zero points), gguf (each tensor keeps its block type) or none."""
     double_quant: bool = True
     """nf4/fp4 only: quantize the per-block absmax scales again (8-bit), saving ~0.37 bits per weight."""
     group_size: int = 64
-    """Values along in_features that share one scale: the block size of nf4/fp4, the group size of int4
-    (32, 64 or 128). Not used by gguf, whose blocks are always 32."""
+    """Values along in_features sharing one scale: nf4/fp4 block size, int4 group (32/64/128); gguf uses 32."""
     quantize_lm_head: bool = False
-    """Quantize the output head too. Off by default: the head is small next to the error it adds to every logit."""
+    """Quantize the output head too; off by default, as its error reaches every logit."""
 
     def _check(self) -> None:
-        if self.method == "int4" and self.group_size not in (32, 64, 128):
-            raise ConfigError(f"quant.group_size: must be one of 32, 64, 128 for quant.method int4, got {self.group_size}")
+        g = self.group_size
+        if self.method == "int4" and g not in (32, 64, 128):
+            raise ConfigError(f"quant.group_size: must be 32, 64 or 128 with quant.method int4, got {g}")
 
     @property
     def base_group_size(self) -> int | None:
@@ -90,11 +87,9 @@ class QuantConfig(_Section):
 @dataclass(frozen=True)
 class AdapterConfig(_Section):
     _section = "adapter"
-
     kind: str = "lora"
-    """lora: x ↦ W0x + s·BAx (Hu et al. 2021). qalora: the same, with x average-pooled over each quantization
-    group first, so the update is constant inside a group and folds exactly into its zero point
-    (Xu et al. 2023, QA-LoRA); needs quant.method int4 or gguf."""
+    """lora: x ↦ W0x + s·BAx (Hu et al. 2021); qalora: x is mean-pooled per quantization group first, so the
+    update folds exactly into the group zero points (Xu et al. 2023); needs quant.method int4 or gguf."""
     r: int = 16
     """Rank of the update: A is (r, in_features), B is (out_features, r)."""
     alpha: float = 32.0
@@ -102,8 +97,7 @@ class AdapterConfig(_Section):
     dropout: float = 0.05
     """Dropout on the adapter's input during training, in [0, 1)."""
     targets: str | tuple[str, ...] = "all-linear"
-    """`all-linear` (every linear layer but the output head) or module names such as ("q_proj", "v_proj").
-    YAML takes a list; `adapter.targets=q_proj,v_proj` on the command line becomes one."""
+    """`all-linear` (every linear but the head) or module names; `adapter.targets=q_proj,v_proj` is a list."""
     group_size: int | None = None
     """QA-LoRA pooling width; null means the base format's group size. Must be a multiple of it for int4/gguf."""
     use_rslora: bool = False
@@ -113,14 +107,12 @@ class AdapterConfig(_Section):
 @dataclass(frozen=True)
 class DataConfig(_Section):
     _section = "data"
-
     path: str = "data/train.jsonl"
     """Training data: a .jsonl/.json/.csv/.txt file, a directory of them, or a hub dataset id."""
     format: str = "auto"
     """Row layout: alpaca, chat, prompt-completion, text, or auto (guessed from the first row's keys)."""
     template: str = "auto"
-    """How rows become text: auto (the tokenizer's chat template if it has one, else alpaca), alpaca,
-    chat, or the name of a registered template."""
+    """Row -> text: auto (tokenizer's chat template, else alpaca), alpaca, chat, or a registered template name."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens. Off: prompt labels are -100, so only answers are learned."""
     max_length: int = 512
@@ -138,7 +130,6 @@ class DataConfig(_Section):
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     _section = "train"
-
     output_dir: str = "runs/x"
     """Run directory. One that already holds a run is refused unless --overwrite or resume is true."""
     max_steps: int | None = 100
@@ -180,20 +171,20 @@ class TrainConfig(_Section):
 
     def _check(self) -> None:
         if self.max_steps is None and self.epochs is None:
-            raise ConfigError("train.max_steps: must be a positive integer, or null when train.epochs is set, got null")
+            msg = "must be a positive integer, or null when train.epochs is set; got null"
+            raise ConfigError(f"train.max_steps: {msg}")
 
 
 @dataclass(frozen=True)
 class MergeConfig(_Section):
     _section = "merge"
-
     after_train: bool = False
     """Merge into <output_dir>/merged as soon as training ends."""
     dtype: str = "bf16"
     """Dtype of the merged 16-bit model (the fold itself always runs in fp32)."""
     into: str = "dequantized"
-    """dequantized: fold into the dequantized base and save a 16-bit model. original: fold into the base's
-    own quantized format (exact for QA-LoRA on int4/gguf: only zero points/mins change)."""
+    """dequantized: fold in fp32 into the dequantized base, save 16-bit; original: keep the base format
+    (exact for QA-LoRA on int4/gguf, where only zero points/mins change)."""
     keep_lm_head_fp16: bool = False
     """Save the output head in fp16 even when `dtype` is bf16."""
 
@@ -244,49 +235,31 @@ def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
 
 _POS_INT = (lambda v: v > 0), "a positive integer"
 _OPT_POS_INT = (lambda v: v is None or v > 0), "null or a positive integer"
-_NONNEG_INT = (lambda v: v >= 0), "an integer >= 0"
-_POS = (lambda v: v > 0), "a number > 0"
 _FRACTION = (lambda v: 0 <= v < 1), "a number in [0, 1)"
-_TEXT = (lambda v: v.strip() != ""), "a non-empty string"
-
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model.name": _TEXT,
-    "model.dtype": _one_of(*DTYPES),
-    "quant.method": _one_of("nf4", "fp4", "int4", "gguf", "none"),
-    "quant.group_size": _POS_INT,
-    "adapter.kind": _one_of("lora", "qalora"),
-    "adapter.r": _POS_INT,
-    "adapter.alpha": _POS,
-    "adapter.dropout": _FRACTION,
-    "adapter.group_size": _OPT_POS_INT,
-    "data.path": _TEXT,
-    "data.format": _one_of("auto", "alpaca", "chat", "prompt-completion", "text"),
-    "data.template": _TEXT,
-    "data.max_length": _POS_INT,
-    "data.val_fraction": _FRACTION,
-    "data.limit": _OPT_POS_INT,
-    "data.shuffle_seed": _NONNEG_INT,
-    "train.output_dir": _TEXT,
-    "train.max_steps": _OPT_POS_INT,
+    **dict.fromkeys(("model.name", "data.path", "data.template", "train.output_dir"),
+                    ((lambda v: v.strip() != ""), "a non-empty string")),
+    **dict.fromkeys(("quant.group_size", "adapter.r", "data.max_length", "train.batch_size", "train.grad_accum",
+                     "train.log_every"), _POS_INT),
+    **dict.fromkeys(("adapter.group_size", "data.limit", "train.max_steps", "train.save_every",
+                     "train.eval_every"), _OPT_POS_INT),
+    **dict.fromkeys(("adapter.dropout", "data.val_fraction", "train.warmup_ratio"), _FRACTION),
+    **dict.fromkeys(("data.shuffle_seed", "train.seed"), ((lambda v: v >= 0), "an integer >= 0")),
+    **dict.fromkeys(("adapter.alpha", "train.lr"), ((lambda v: v > 0), "a number > 0")),
     "train.epochs": ((lambda v: v is None or v > 0), "null or a number > 0"),
-    "train.batch_size": _POS_INT,
-    "train.grad_accum": _POS_INT,
-    "train.lr": _POS,
-    "train.schedule": _one_of("constant", "linear", "cosine"),
-    "train.warmup_ratio": _FRACTION,
     "train.max_grad_norm": ((lambda v: v is None or v > 0), "null (no clipping) or a number > 0"),
-    "train.optimizer": _one_of("adamw", "adamw8bit"),
     "train.weight_decay": ((lambda v: v >= 0), "a number >= 0"),
-    "train.seed": _NONNEG_INT,
-    "train.save_every": _OPT_POS_INT,
-    "train.log_every": _POS_INT,
-    "train.eval_every": _OPT_POS_INT,
-    "merge.dtype": _one_of(*DTYPES),
+    **dict.fromkeys(("model.dtype", "merge.dtype"), _one_of(*DTYPES)),
+    "quant.method": _one_of("nf4", "fp4", "int4", "gguf", "none"),
+    "adapter.kind": _one_of("lora", "qalora"),
+    "data.format": _one_of("auto", "alpaca", "chat", "prompt-completion", "text"),
+    "train.schedule": _one_of("constant", "linear", "cosine"),
+    "train.optimizer": _one_of("adamw", "adamw8bit"),
     "merge.into": _one_of("dequantized", "original"),
 }
 
 
-# --- types ---------------------------------------------------------------------------------------------
+# --- types and parsing ---------------------------------------------------------------------------------
 
 @cache
 def _hints(cls: type) -> dict[str, Any]:
@@ -295,41 +268,43 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML: null, true, 'text', [a, b]."""
+    """A value as YAML would show it: null, true, 'text', [a, b]."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def _as_float(value: Any) -> Any:
+    if isinstance(value, str):  # YAML 1.1 reads 2.0e-4 as a float but 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else value
+
+
+_TYPES: dict[type, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),  # a bool is not an int
+    float: ("a finite number", lambda v: isinstance(v, float)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
     """Check `value` against the annotation `hint`; return it normalised (int -> float, list -> tuple)."""
     args = typing.get_args(hint)
     optional = type(None) in args
+    if optional and value is None:
+        return None
     if optional:
-        if value is None:
-            return None
         (hint,) = [a for a in args if a is not type(None)]
-    if tuple in [typing.get_origin(a) for a in typing.get_args(hint)]:  # adapter.targets
+    if str in args:  # adapter.targets: str | tuple[str, ...]
         return _targets(key, value)
-    ok = True
-    if hint is bool:
-        want, ok = "true or false", isinstance(value, bool)
-    elif hint is int:
-        want, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
-    elif hint is str:
-        want, ok = "a string", isinstance(value, str)
-    elif hint is float:
-        want = "a number"
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                ok = False
-        ok = ok and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        value = float(value) if ok else value
-    else:  # pragma: no cover - a field annotated with a type this function does not know
-        raise TypeError(f"{key}: unsupported annotation {hint!r}")
-    if not ok:
+    value = _as_float(value) if hint is float else value
+    want, ok = _TYPES[hint]
+    if not ok(value):
         raise ConfigError(f"{key}: must be {'null or ' if optional else ''}{want}, got {_show(value)}")
     return value
 
@@ -347,11 +322,10 @@ def _targets(key: str, value: Any) -> str | tuple[str, ...]:
 
 def _lookup(section: str, key: str | None = None) -> type:
     """The section class, after checking that `section` (and `key`, when given) exist."""
-    cls = SECTIONS.get(section)
-    name = section if key is None else f"{section}.{key}"
+    cls, name = SECTIONS.get(section), section if key is None else f"{section}.{key}"
     if cls is None:
-        near = difflib.get_close_matches(section, SECTIONS, n=1)
-        hint = f"; did you mean {near[0] if key is None else f'{near[0]}.{key}'}?" if near else ""
+        near = [s + ("" if key is None else f".{key}") for s in difflib.get_close_matches(section, SECTIONS, n=1)]
+        hint = f"; did you mean {near[0]}?" if near else ""
         raise ConfigError(f"{name}: unknown section {section!r}{hint} (sections: {', '.join(SECTIONS)})")
     if key is not None and key not in _hints(cls):
         near = [f"{section}.{k}" for k in difflib.get_close_matches(key, _hints(cls), n=1)]
@@ -376,41 +350,40 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
         raise ConfigError(f"{section}.{key}: cannot read {text!r} as a YAML value") from None
 
 
+def _mapping(name: str, value: Any, what: str) -> Mapping:
+    value = {} if value is None else value  # an empty file or an empty `model:` section
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name}: must be a mapping of {what}, got {_show(value)}")
+    return value
+
+
 # --- public functions ----------------------------------------------------------------------------------
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:
     """Build a Config from {section: {key: value}}; sections and keys left out take their defaults."""
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"config: must be a mapping of sections ({', '.join(SECTIONS)}), got {_show(d)}")
     sections = {}
-    for section, body in d.items():
+    for section, body in _mapping("config", d, f"sections ({', '.join(SECTIONS)})").items():
         cls = _lookup(str(section))
-        body = {} if body is None else body
-        if not isinstance(body, Mapping):
-            raise ConfigError(f"{section}: must be a mapping of keys, got {_show(body)}")
-        for key in body:
+        for key in _mapping(section, body, "keys"):
             _lookup(section, str(key))
-        sections[section] = cls(**body)
+        sections[section] = cls(**_mapping(section, body, "keys"))
     return Config(**sections)
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """The config as plain YAML-ready data: every key, sections in order, lists as lists."""
-    return {
-        name: {f.name: _plain(getattr(getattr(cfg, name), f.name)) for f in fields(cls)}
-        for name, cls in SECTIONS.items()
-    }
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    out: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        values = {f.name: getattr(getattr(cfg, name), f.name) for f in fields(SECTIONS[name])}
+        out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return out
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """A new Config with `section.key=value` overrides applied in order (a later one wins).
 
-    All overrides are applied before any check runs, so `adapter.kind=qalora quant.method=int4` works on
-    an nf4 config in either order.
+    Every override is applied before any check runs, so `adapter.kind=qalora quant.method=int4` works on an
+    nf4 config in either order.
     """
     changes: dict[str, dict[str, Any]] = {}
     for item in overrides:
@@ -421,42 +394,31 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     return replace(cfg, **{s: replace(getattr(cfg, s), **kv) for s, kv in changes.items()})
 
 
-def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-
-
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (None: all defaults) and apply `section.key=value` overrides in order.
 
     File and overrides are merged before any value is checked, so an override can fix a bad file value.
     """
-    raw: Any = {} if path is None else _read_yaml(Path(path))
-    raw = {} if raw is None else raw  # an empty file
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of sections ({', '.join(SECTIONS)}), got {_show(raw)}")
-    merged = {s: b for s, b in raw.items()}
+    raw: Any = None
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    merged = dict(_mapping(str(path), raw, f"sections ({', '.join(SECTIONS)})"))
     for item in overrides:
         section, key, value = _parse_override(item)
-        body = merged.get(section)
-        body = {} if body is None else body
-        if not isinstance(body, Mapping):
-            raise ConfigError(f"{section}: must be a mapping of keys, got {_show(body)}")
-        merged[section] = {**body, key: value}
+        merged[section] = {**_mapping(section, merged.get(section), "keys"), key: value}
     return config_from_dict(merged)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (every key), atomically: a reader sees the old file or the new one."""
+    """Write the resolved config as YAML (every key), atomically: readers see the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# Resolved qlorakit config: every key, defaults included.\n"

@@ -1,0 +1,147 @@
+"""Adapters in peft's on-disk format, so a file means the same thing in both tools.
+
+    adapter/adapter_config.json        peft LoraConfig (peft_type LORA, r, lora_alpha, ...)
+    adapter/adapter_model.safetensors  base_model.model.<module>.lora_A.weight  (r, in | in/G)
+                                       base_model.model.<module>.lora_B.weight  (out, r)
+
+Module names and row order are those of the transformers model of the same source (for a GGUF
+source: `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`, whose q/k rows qlorakit's
+loader reproduces). QA-LoRA adapters set `use_qalora` and `qalora_group_size` as peft does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlorakit.adapters.inject import add_adapters, adapter_layers
+from qlorakit.adapters.qalora import QALoraLinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be applied: another kind, missing files, shapes that do not fit."""
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """peft-named adapter tensors of every LoraLinear in `model` (contiguous, on CPU)."""
+    state = {}
+    for name, layer in adapter_layers(model).items():
+        state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
+        state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+    return state
+
+
+def peft_config_dict(model: nn.Module, base_model_name_or_path: str, dropout: float) -> dict:
+    """adapter_config.json contents, validated by peft's own LoraConfig."""
+    from peft import LoraConfig
+
+    layers = adapter_layers(model)
+    if not layers:
+        raise AdapterError("the model has no adapters to save")
+    first = next(iter(layers.values()))
+    targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    qalora = isinstance(first, QALoraLinear)
+    fan_in_fan_out = getattr(first.base_layer, "source_layout", None) == "conv1d" or type(first.base_layer).__name__ == "Conv1D"
+    config = LoraConfig(
+        r=first.r,
+        lora_alpha=first.alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        use_rslora=first.use_rslora,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+        use_qalora=qalora,
+        qalora_group_size=first.group_size if qalora else 16,
+        inference_mode=True,
+    )
+    return config.to_dict()
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str, dropout: float) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into `directory`."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = peft_config_dict(model, base_model_name_or_path, dropout)
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    config["peft_type"] = "LORA"
+    config["task_type"] = "CAUSAL_LM"
+    save_file(adapter_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a peft adapter directory)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise AdapterError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise AdapterError(f"{directory}: a {kind} adapter; qlorakit applies LORA adapters (LoRA and QA-LoRA) only")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> dict:
+    """Add the adapters of a peft LoRA/QA-LoRA directory to `model` (base frozen); returns its config.
+
+    Raises AdapterError naming the adapter and the tensor when a shape does not fit the base.
+    """
+    from safetensors.torch import load_file
+
+    config = read_adapter_config(directory)
+    weights_path = Path(directory) / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (qlorakit loads adapter weights from safetensors only)")
+    try:
+        state = load_file(str(weights_path))
+    except Exception as error:
+        raise AdapterError(f"{weights_path}: unreadable safetensors ({error})") from None
+    modules = sorted({key[len(PREFIX):].rsplit(".lora_", 1)[0] for key in state if ".lora_" in key})
+    if not modules:
+        raise AdapterError(f"{weights_path}: holds no lora_A/lora_B tensors")
+    missing = [m for m in modules if _get(model, m) is None]
+    if missing:
+        raise AdapterError(f"{directory}: adapter for module {missing[0]} which this base model does not have (trained for another base?)")
+    add_adapters(
+        model,
+        targets=modules,
+        r=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        use_rslora=bool(config.get("use_rslora", False)),
+        kind="qalora" if config.get("use_qalora") else "lora",
+        group_size=config.get("qalora_group_size") if config.get("use_qalora") else None,
+    )
+    layers = adapter_layers(model)
+    for key, tensor in state.items():
+        module_name, _, param = key[len(PREFIX):].rpartition(".lora_")
+        target = getattr(layers[module_name], "lora_" + param.split(".")[0]).weight
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise AdapterError(
+                f"{directory}: tensor {key} has shape {tuple(tensor.shape)} but this base needs {tuple(target.shape)} "
+                "(adapter trained for another base?)"
+            )
+        with torch.no_grad():
+            target.copy_(tensor.to(target.dtype))
+    return config
+
+
+def _get(model: nn.Module, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

@@ -1,0 +1,98 @@
+"""Atomic, resumable checkpoints without pickle.
+
+    checkpoints/step-N/
+        adapter_model.safetensors   adapter tensors (peft names)
+        optimizer.safetensors       every tensor of the optimizer state, flattened
+        state.json                  step, data position, optimizer scalars and param groups
+        rng.safetensors             torch CPU (and CUDA) generator states
+
+Everything is written into checkpoints/.step-N.tmp-XXXX and renamed to step-N at the end, so a
+crash mid-write never leaves a directory that looks complete; `latest_checkpoint` ignores
+temporaries. Tensors go through safetensors and structure through JSON: resuming never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (by dotted key) and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, slots in state_dict["state"].items():
+        for slot, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{slot}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[slot] = value
+    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, slot = key.split(".", 1)
+        state.setdefault(int(index), {})[slot] = value
+    for index, slots in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(slots)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, step: int, adapter_state: dict, optimizer, data_position: dict) -> Path:
+    """Write checkpoints/step-`step` atomically; returns its path."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
+    try:
+        save_file(adapter_state, str(staging / "adapter_model.safetensors"))
+        tensors, rest = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(staging / "rng.safetensors"))
+        (staging / "state.json").write_text(json.dumps({"step": step, "data": data_position, "optimizer": rest}, indent=1))
+        for path in staging.iterdir():  # make the bytes durable before the rename publishes them
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        final = root / f"step-{step}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        return final
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def load_checkpoint(path: Path, optimizer) -> tuple[int, dict, dict]:
+    """Restore optimizer and RNG states; returns (step, adapter_state, data_position)."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return state["step"], load_file(str(path / "adapter_model.safetensors")), state["data"]

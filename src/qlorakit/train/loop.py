@@ -1,0 +1,280 @@
+"""`qlorakit train`: one explicit loop, top to bottom.
+
+    validate config, data and output directory        (nothing is written before this passes)
+    load the base (quantized), add adapters, build the optimizer
+    [resume: restore adapter, optimizer, RNG and data position from the last checkpoint]
+    for step in start+1 .. total:
+        lr <- schedule(step)
+        for each of grad_accum micro-batches: loss = Σ token losses / tokens in the whole step; backward
+        clip gradients; stop (or skip) on a non-finite loss or gradient; optimizer step
+        log / validate / checkpoint
+    save adapter (peft format), loss.png, [merge]
+
+Losses are normalised by the number of trained tokens in the whole accumulated step, so
+grad_accum=k with batch b gives the same update as one batch of k·b rows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qlorakit import metadata
+from qlorakit.adapters.inject import add_adapters, trainable_parameters
+from qlorakit.adapters.peft_format import adapter_state_dict, save_adapter
+from qlorakit.config import Config, save_config
+from qlorakit.data.collate import collate_packed, collate_padded, length_grouped_batches, pad_token_id
+from qlorakit.data.dataset import build_datasets
+from qlorakit.models.load import load_model, load_tokenizer
+from qlorakit.models.sources import resolve_source
+from qlorakit.train import checkpoint as ckpt
+from qlorakit.train.metrics import MetricsLog, plot_loss, read_metrics, sparkline
+from qlorakit.train.optim import build_optimizer
+from qlorakit.train.rundir import check_output_dir, create_output_dir
+from qlorakit.train.schedule import lr_at
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or inf loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    first_loss: float | None
+    final_loss: float | None
+    val_loss: float | None
+    seconds: float
+    resumed_from: str | None
+    model: object = None
+    tokenizer: object = None
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class BatchStream:
+    """Deterministic batches over epochs; the position (epoch, index) is what a checkpoint stores.
+
+    Unpacked rows are length-grouped (seeded per epoch); packed sequences are shuffled.
+    """
+
+    def __init__(self, examples: list[dict], batch_size: int, seed: int, packed: bool, pad_id: int):
+        self.examples, self.batch_size, self.seed, self.packed, self.pad_id = examples, batch_size, seed, packed, pad_id
+        self.epoch, self.index = 0, 0
+        self._batches = self._epoch_batches(0)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self.packed:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed + epoch).shuffle(order)
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        lengths = [len(e["input_ids"]) for e in self.examples]
+        return length_grouped_batches(lengths, self.batch_size, seed=self.seed + epoch)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._batches)
+
+    def seek(self, epoch: int, index: int) -> None:
+        self.epoch, self.index = epoch, index
+        self._batches = self._epoch_batches(epoch)
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.index >= len(self._batches):
+            self.seek(self.epoch + 1, 0)
+        rows = [self.examples[i] for i in self._batches[self.index]]
+        self.index += 1
+        collate = collate_packed if self.packed else collate_padded
+        return collate(rows, pad_token_id=self.pad_id)
+
+
+def _trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens whose next-token loss counts: labels are shifted by one inside the model."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _forward_loss(model, batch: dict[str, torch.Tensor], num_items: int, device) -> torch.Tensor:
+    """Σ token cross-entropy / num_items (transformers' num_items_in_batch normalisation)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return model(**batch, use_cache=False, num_items_in_batch=torch.tensor(num_items, device=device)).loss
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], batch_size: int, packed: bool, pad_id: int, device) -> float:
+    """Token-weighted mean validation loss."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    collate = collate_packed if packed else collate_padded
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_token_id=pad_id)
+        n = _trained_tokens(batch)
+        if n:
+            total += float(_forward_loss(model, batch, n, device)) * n
+            count += n
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * batches_per_epoch / cfg.train.grad_accum))
+
+
+def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device: str | None = None) -> TrainResult:
+    started = time.perf_counter()
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    # 1. Validate everything before writing anything.
+    check_output_dir(run_dir, overwrite=overwrite, resume=t.resume)
+    source = resolve_source(cfg.model.name)
+    tokenizer = load_tokenizer(source)
+    d = cfg.data
+    train_rows, val_rows, report = build_datasets(
+        d.path, tokenizer, format=d.format, template=d.template, train_on_prompt=d.train_on_prompt,
+        max_length=d.max_length, packing=d.packing, val_fraction=d.val_fraction, limit=d.limit, shuffle_seed=d.shuffle_seed,
+    )
+    _log(f"data: {report.summary()}")
+
+    # 2. The model: quantized base, frozen, with adapters in fp32.
+    torch.manual_seed(t.seed)
+    loaded = load_model(
+        source, dtype=cfg.model.dtype, quant=cfg.quant.method, group_size=cfg.quant.group_size,
+        double_quant=cfg.quant.double_quant, quantize_lm_head=cfg.quant.quantize_lm_head, device=device, progress=progress,
+    )
+    model = loaded.model
+    torch.manual_seed(t.seed)
+    add_adapters(
+        model, cfg.adapter.targets, r=cfg.adapter.r, alpha=cfg.adapter.alpha, dropout=cfg.adapter.dropout,
+        use_rslora=cfg.adapter.use_rslora, kind=cfg.adapter.kind,
+        group_size=cfg.adapter_group_size if cfg.adapter.kind == "qalora" else None,
+    )
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
+    pad_id = pad_token_id(tokenizer)
+    stream = BatchStream(train_rows, t.batch_size, t.seed, d.packing, pad_id)
+    steps = total_steps(cfg, stream.batches_per_epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # 3. The run directory, now that everything is known to work.
+    create_output_dir(run_dir, overwrite=overwrite, resume=t.resume)
+    dataset_name = Path(d.path).stem if Path(d.path).suffix else d.path.rsplit("/", 1)[-1]
+    spec = metadata.build_spec(cfg, source.name, dataset_name, source.location)
+    start_step, resumed_from = 0, None
+    if t.resume:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is not None:
+            start_step, adapter_state, position = ckpt.load_checkpoint(latest, optimizer)
+            _load_adapter_state(model, adapter_state)
+            stream.seek(position["epoch"], position["index"])
+            resumed_from = str(latest)
+            _log(f"resumed from {latest}")
+    save_config(cfg, run_dir / "config.yaml")
+    metadata.write_spec(run_dir, spec)
+    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if t.tensorboard else None)
+    _log(
+        f"training {spec['tag']}: {trainable_parameters(model):,} trainable parameters, {steps} steps, "
+        f"effective batch {t.batch_size} x {t.grad_accum} = {t.batch_size * t.grad_accum}, device {device}"
+    )
+
+    # 4. The loop.
+    model.train()
+    first_loss = last_loss = val_loss = None
+    bar = tqdm(total=steps, initial=start_step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in range(start_step + 1, steps + 1):
+        step_start = time.perf_counter()
+        lr = lr_at(step, lr=t.lr, total_steps=steps, schedule=t.schedule, warmup_ratio=t.warmup_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [stream.next() for _ in range(t.grad_accum)]
+        num_items = max(1, sum(_trained_tokens(b) for b in micro_batches))
+        step_loss = 0.0
+        for batch in micro_batches:
+            loss = _forward_loss(model, batch, num_items, device)
+            loss.backward()
+            step_loss += float(loss.detach())
+        grad_norm = _clip(params, t.max_grad_norm)
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            if not t.skip_nonfinite:
+                bar.close()
+                raise NonFiniteLossError(
+                    f"step {step}: loss {step_loss} / gradient norm {grad_norm} is not finite; the last good checkpoint "
+                    f"is kept in {run_dir / 'checkpoints'} (set train.skip_nonfinite=true to skip such batches)"
+                )
+            log.write({"step": step, "skipped": True, "loss": None, "lr": lr})
+            bar.update(1)
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.perf_counter() - step_start
+        tokens = sum(_input_tokens(b) for b in micro_batches)
+        first_loss = step_loss if first_loss is None else first_loss
+        last_loss = step_loss
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+        bar.update(1)
+        if step % t.log_every == 0 or step == steps:
+            log.write({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / seconds, "grad_norm": grad_norm,
+                       "epoch": stream.epoch + stream.index / max(1, stream.batches_per_epoch)})
+        if val_rows and t.eval_every and step % t.eval_every == 0 and step != steps:
+            log.write({"step": step, "val_loss": evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)})
+        if t.save_every and step % t.save_every == 0 and step != steps:
+            ckpt.save_checkpoint(run_dir, step, adapter_state_dict(model), optimizer, stream.position())
+    bar.close()
+
+    # 5. Results: final checkpoint, adapter, validation loss, loss curve.
+    if steps > start_step:
+        ckpt.save_checkpoint(run_dir, steps, adapter_state_dict(model), optimizer, stream.position())
+    if val_rows:
+        val_loss = evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)
+        log.write({"step": steps, "val_loss": val_loss})
+    log.close()
+    save_adapter(model, run_dir / "adapter", source.location, cfg.adapter.dropout)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    plot_loss(records, run_dir / "loss.png", spec["tag"])
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    if losses:
+        _log(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}  {sparkline(losses)}")
+    model.eval()
+    return TrainResult(run_dir, steps, first_loss, last_loss, val_loss, time.perf_counter() - started, resumed_from, model, tokenizer)
+
+
+def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the model read: real tokens of a padded batch; every position of a packed one
+    (packing leaves at most one short padding block per row)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Global gradient norm before clipping (clipping only when max_norm is set)."""
+    if max_norm is None:
+        grads = [p.grad for p in params if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in state.items():
+            named[key.removeprefix("base_model.model.")].copy_(tensor)
+
