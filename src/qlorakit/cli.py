@@ -45,7 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="16-bit dtype of the other parameters (bf16 | fp16 | fp32)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (0: no adapter)")
     p.add_argument("--lora-targets", type=_targets, default="all-linear", help="all-linear or comma-separated module names")
+    p = sub.add_parser("train", parents=[common], help="fine-tune adapters on a quantized base")
+    p.add_argument("config", nargs="?", help="YAML config (keys left out take their defaults)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+@command("train")
+def _train(args: argparse.Namespace) -> int:
+    from qlorakit.config import load_config
+    from qlorakit.train.loop import train
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
+        config_path, overrides = None, [config_path, *overrides]
+    cfg = load_config(config_path, overrides)
+    result = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    payload = {
+        "run_dir": str(result.run_dir), "steps": result.steps, "first_loss": result.first_loss,
+        "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": round(result.seconds, 2),
+        "resumed_from": result.resumed_from,
+    }
+    text = f"run {result.run_dir}: {result.steps} steps in {result.seconds:.1f} s, loss {result.first_loss} -> {result.final_loss}"
+    _emit(args, payload, text)
+    return 0
 
 
 @command("inspect")
@@ -75,7 +100,11 @@ def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # section.key=value overrides may follow options: `train cfg.yaml --overwrite train.lr=1e-4`
+        if not hasattr(args, "overrides") or not all("=" in item and not item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return COMMANDS[args.command](args) or 0
     except KeyboardInterrupt:

@@ -1,0 +1,213 @@
+"""Fidelity report: does the merged model behave like the adapter model it came from?
+
+Each probe prompt (through the tokenizer's chat template when it has one, with the assistant
+turn opened) is run through both models, each in its own dtype; the next-token logits at every
+prompt position t = 1..T are cast to fp32 and compared, pooled over all positions of all prompts:
+
+    max_abs_logit_diff     = max_{t,v} |z_ref[t,v] − z_cand[t,v]|
+    mean_kl                = mean_t Σ_v p_ref[t,v] (log p_ref[t,v] − log p_cand[t,v])   (KL(ref ‖ cand), nats)
+    greedy_token_agreement = mean_t [argmax_v z_ref[t] = argmax_v z_cand[t]]
+    generations_equal      = the greedy continuations (max_new_tokens, stopping at EOS) of every
+                             prompt are the same token ids
+
+Agreement is measured on the prompt positions (teacher-forced), so one early divergence does not
+decide every later position; the generations then show whether the divergences matter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_PROBES = (
+    "What is the capital of France?",
+    "Explain in one sentence what a prime number is.",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "How do I boil an egg?",
+)
+
+
+class UnfaithfulMergeError(ValueError):
+    """The merged model's greedy tokens agree with the adapter model's less often than required."""
+
+
+@dataclass
+class ProbeRow:
+    """One prompt: its position count, figures over its positions, and both generations."""
+
+    prompt: str
+    positions: int
+    max_abs_logit_diff: float
+    greedy_token_agreement: float
+    reference_generation: str
+    candidate_generation: str
+    generation_equal: bool
+
+
+@dataclass
+class FidelityReport:
+    """Figures of the module docstring; `rows` holds one ProbeRow per prompt."""
+
+    max_abs_logit_diff: float
+    mean_kl: float
+    greedy_token_agreement: float
+    generations_equal: bool
+    positions: int
+    max_new_tokens: int
+    rows: list[ProbeRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format_table(self, reference: str = "adapter model", candidate: str = "merged model") -> str:
+        equal = sum(row.generation_equal for row in self.rows)
+        lines = [
+            f"fidelity: {candidate} against {reference}, {len(self.rows)} prompts, {self.positions} positions",
+            f"  max |logit difference|      {self.max_abs_logit_diff:.4g}",
+            f"  mean KL(ref || cand)        {self.mean_kl:.4g} nats",
+            f"  greedy-token agreement      {self.greedy_token_agreement:.4f}",
+            f"  greedy generations equal    {'yes' if self.generations_equal else 'no'} ({equal}/{len(self.rows)})",
+            "",
+            f"  {'prompt':<32} {'agree':>6} {'same':>4}  {reference} | {candidate}",
+        ]
+        for row in self.rows:
+            lines.append(
+                f"  {_clip(row.prompt, 32):<32} {row.greedy_token_agreement:>6.3f} {'yes' if row.generation_equal else 'no':>4}"
+                f"  {_clip(row.reference_generation, 40)!r} | {_clip(row.candidate_generation, 40)!r}"
+            )
+        return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def probe_set(training_prompts: Sequence[str] = (), max_training: int = 8) -> list[str]:
+    """Up to `max_training` distinct training prompts followed by DEFAULT_PROBES.
+
+    Generic questions are there because a model trained hard on one example answers unrelated
+    questions with it too (DESIGN.md); the training prompts alone would not show that.
+    """
+    prompts = list(dict.fromkeys(p for p in training_prompts if p))[:max_training]
+    return prompts + [p for p in DEFAULT_PROBES if p not in prompts]
+
+
+def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
+    """Token ids of a user turn with the assistant turn opened, or of the bare prompt."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
+    return tokenizer(prompt)["input_ids"]
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module):
+    """Eval mode (no dropout) inside the block; each model's own mode restored after."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def prompt_logits_and_greedy(model: nn.Module, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[Tensor, list[int]]:
+    """(fp32 logits over the prompt (T, vocab), greedy continuation ids) with a KV cache."""
+    device = _device(model)
+    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    logits = out.logits[0].float().cpu()  # (1, T, V) -> (T, V)
+    generated: list[int] = []
+    next_logits = out.logits[0, -1]  # (V,)
+    for _ in range(max_new_tokens):
+        token = int(next_logits.float().argmax())
+        generated.append(token)
+        if token in stop_ids or len(generated) == max_new_tokens:
+            break
+        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+        next_logits = out.logits[0, -1]  # (1, 1, V) -> (V,)
+    return logits, generated
+
+
+def _stop_ids(tokenizer, model: nn.Module) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    return ids
+
+
+def fidelity_report(
+    reference_model: nn.Module,
+    candidate_model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 16,
+    use_chat_template: bool = True,
+) -> FidelityReport:
+    """Compare `candidate_model` (the merge) with `reference_model` (quantized base + adapter).
+
+    Both models are run in eval mode and their training mode is restored afterwards.
+
+    Raises:
+        ValueError: no prompts, or a prompt that encodes to no tokens.
+    """
+    if not prompts:
+        raise ValueError("fidelity report: no probe prompts")
+    stop = _stop_ids(tokenizer, reference_model)
+    rows: list[ProbeRow] = []
+    max_diff, kl_sum, agree, positions = 0.0, 0.0, 0, 0
+    with _eval_mode(reference_model, candidate_model):
+        for prompt in prompts:
+            ids = encode_prompt(tokenizer, prompt, use_chat_template)
+            if not ids:
+                raise ValueError(f"fidelity report: prompt {prompt!r} encodes to no tokens")
+            ref_logits, ref_gen = prompt_logits_and_greedy(reference_model, ids, max_new_tokens, stop)
+            cand_logits, cand_gen = prompt_logits_and_greedy(candidate_model, ids, max_new_tokens, stop)
+            diff = float((ref_logits - cand_logits).abs().max())
+            ref_logp = torch.log_softmax(ref_logits.double(), dim=-1)  # (T, V)
+            cand_logp = torch.log_softmax(cand_logits.double(), dim=-1)  # (T, V)
+            kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(dim=-1).clamp(min=0.0)  # (T,)
+            same = ref_logits.argmax(dim=-1) == cand_logits.argmax(dim=-1)  # (T,)
+            max_diff = max(max_diff, diff)
+            kl_sum += float(kl.sum())
+            agree += int(same.sum())
+            positions += len(ids)
+            rows.append(ProbeRow(
+                prompt=prompt,
+                positions=len(ids),
+                max_abs_logit_diff=diff,
+                greedy_token_agreement=float(same.float().mean()),
+                reference_generation=tokenizer.decode(ref_gen, skip_special_tokens=True),
+                candidate_generation=tokenizer.decode(cand_gen, skip_special_tokens=True),
+                generation_equal=ref_gen == cand_gen,
+            ))  # fmt: skip
+    return FidelityReport(
+        max_abs_logit_diff=max_diff,
+        mean_kl=kl_sum / positions,
+        greedy_token_agreement=agree / positions,
+        generations_equal=all(row.generation_equal for row in rows),
+        positions=positions,
+        max_new_tokens=max_new_tokens,
+        rows=rows,
+    )
+
+
+def check_faithful(report: FidelityReport, min_agreement: float = 0.99) -> None:
+    """Raise UnfaithfulMergeError when greedy-token agreement is below `min_agreement`."""
+    if report.greedy_token_agreement < min_agreement:
+        raise UnfaithfulMergeError(
+            f"merge is not faithful: greedy-token agreement {report.greedy_token_agreement:.4f} is below the "
+            f"threshold {min_agreement:g}; pass --force to keep it anyway"
+        )

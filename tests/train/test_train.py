@@ -1,0 +1,108 @@
+"""The training loop: loss falls, runs are resumable bit for bit, bad data fails early."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlorakit.data.errors import DataError
+from qlorakit.train.loop import train
+from qlorakit.train.rundir import RunDirError
+from tests.train.conftest import tiny_config, write_jsonl
+
+
+def test_loss_falls_on_a_20_row_dataset(tiny_model_dir, qa_rows, tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    result = train(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=30), progress=False)
+    assert result.final_loss < 0.5 * result.first_loss
+    run = tmp_path / "run"
+    for name in ("config.yaml", "quantization.json", "metrics.jsonl", "loss.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "checkpoints/step-30/state.json"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in records)
+    spec = json.loads((run / "quantization.json").read_text())
+    assert spec["method"] == "QLORA" and spec["weight_bits"] == 4 and spec["tag"].endswith("-qa_SFT_LoRa8_QLORA_w4_headfp32")
+
+
+def test_validation_loss_is_logged(tiny_model_dir, qa_rows, tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    cfg = tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=4, eval_every=2)
+    cfg = type(cfg)(**{**cfg.__dict__, "data": type(cfg.data)(**{**cfg.data.__dict__, "val_fraction": 0.2})})
+    result = train(cfg, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "val_loss" in r] == [2, 4]
+    assert result.val_loss == lines[-1]["val_loss"]
+
+
+def test_existing_run_is_refused_without_overwrite(tiny_model_dir, qa_rows, tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    train(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=1), progress=False)
+    with pytest.raises(RunDirError, match="already holds a run; pass --overwrite"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=1), progress=False)
+    train(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=1), overwrite=True, progress=False)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": "a" "output": "b"}\n', r"bad\.jsonl:2: invalid JSON"),
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"bad\.jsonl:2: .*'output'.*missing"),
+    (b'{"instruction": "a", "output": 3}\n', r"bad\.jsonl:1: .*'output'.*int"),
+    (b"", r"bad\.jsonl: empty"),
+    (b'{"instruction": "a\xff", "output": "b"}\n', r"bad\.jsonl:1: not valid UTF-8"),
+])
+def test_malformed_data_fails_before_training(tiny_model_dir, tmp_path, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+    assert data.read_bytes() == content
+
+
+def _cli_train(config_path, *extra, wait=True):
+    command = [sys.executable, "-m", "qlorakit", "train", str(config_path), "--no-progress", *extra]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if wait:
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_resume_after_sigkill_is_bit_identical(tiny_model_dir, qa_rows, tmp_path):
+    """Kill a run right after a checkpoint, resume it, and get the uninterrupted run's adapter."""
+    from qlorakit.config import save_config
+
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    common = dict(max_steps=16, save_every=4, grad_accum=2, batch_size=3)
+    reference = tiny_config(tiny_model_dir, data, tmp_path / "uninterrupted", **common)
+    adapter = tiny_config(tiny_model_dir, data, tmp_path / "killed", **common)
+    cfg = type(adapter)(**{**adapter.__dict__, "adapter": type(adapter.adapter)(**{**adapter.adapter.__dict__, "dropout": 0.1})})
+    reference = type(reference)(**{**reference.__dict__, "adapter": cfg.adapter})
+    save_config(reference, tmp_path / "reference.yaml")
+    save_config(cfg, tmp_path / "killed.yaml")
+    assert _cli_train(tmp_path / "reference.yaml").returncode == 0
+
+    process = _cli_train(tmp_path / "killed.yaml", wait=False)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-8"
+    deadline = time.time() + 240
+    while not (checkpoint / "state.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it could be killed"
+
+    resumed = _cli_train(tmp_path / "killed.yaml", "train.resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    last = max(int(p.name.split("-")[1]) for p in (tmp_path / "killed" / "checkpoints").glob("step-*") if p.name != "step-16")
+    assert f"resumed from {tmp_path / 'killed' / 'checkpoints'}/step-" in resumed.stderr and last >= 8
+    ours = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "uninterrupted" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
