@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from qlorakit.dtypes import to_torch_dtype
 from qlorakit.models import gguf_io
-from qlorakit.quant.replace import output_head_names
+from qlorakit.quant.replace import linear_layer_names, output_head_names
 from qlorakit.models.sources import ModelSource, ModelSourceError, resolve_source
 
 
@@ -100,7 +100,7 @@ def load_model(
         raise ModelSourceError(f"quant.method: gguf keeps a GGUF file's own block formats, but {source.spec} is not a .gguf file")
     tokenizer = load_tokenizer(source, trust_remote_code)
     if source.kind == "gguf":
-        model = _load_gguf_dense(source, torch_dtype, progress)
+        model = _load_gguf(source, torch_dtype, progress, keep_blocks=quant == "gguf")
     else:
         model = _load_hf(source, torch_dtype, trust_remote_code)
     model.requires_grad_(False)
@@ -128,24 +128,46 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -
         raise ModelSourceError(f"{source.spec}: cannot load model ({first_line})") from error
 
 
-def _load_gguf_dense(source: ModelSource, dtype: torch.dtype, progress: bool) -> nn.Module:
-    """Build the architecture from the GGUF metadata and fill it with dequantized tensors."""
+def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blocks: bool) -> nn.Module:
+    """Build the architecture from the GGUF metadata and fill it from the file's tensors.
+
+    keep_blocks: linear layers whose GGUF tensor is in a supported block format (q4_0, q4_1,
+    q5_0, q5_1, q8_0) become QuantLinear layers over the file's own bytes (rows of attn_q/attn_k
+    moved into transformers' order); everything else is dequantized to `dtype`.
+    """
+    from qlorakit.quant.gguf_types import GGML_TYPE_TO_FORMAT, quantized_weight_from_gguf
+    from qlorakit.quant.linear import QuantLinear
+    from qlorakit.quant.registry import format_class
+    from qlorakit.quant.replace import set_submodule
+
     config = load_config(source)
     if config.model_type not in gguf_io.SUPPORTED_ARCHITECTURES:
         raise ModelSourceError(f"{source.spec}: GGUF architecture {config.model_type!r} is not supported yet")
     model = build_skeleton(config, dtype, device="meta")
     names = gguf_io.gguf_to_hf_names(model)
+    linear_names = set(linear_layer_names(model))
     reader = gguf_io.open_reader(source.location)
     state: dict[str, torch.Tensor] = {}
+    kept: dict[str, object] = {}  # module name -> QuantizedWeight over the file's bytes
     for tensor in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", disable=not progress, leave=False):
         hf_name = names.get(tensor.name)
         if hf_name is None:
             continue  # e.g. rope frequency tables transformers recomputes
-        weight = gguf_io.dense_tensor(tensor)
         heads = gguf_io.qk_heads(hf_name, config)
+        module_name = hf_name.removesuffix(".weight")
+        if keep_blocks and module_name in linear_names and tensor.tensor_type.name in GGML_TYPE_TO_FORMAT:
+            qweight = quantized_weight_from_gguf(tensor)
+            if heads is not None:
+                qweight.tensors["blocks"] = gguf_io.unpermute_qk_rows(qweight.tensors["blocks"], heads).contiguous()
+            kept[module_name] = qweight
+            continue
+        weight = gguf_io.dense_tensor(tensor)
         if heads is not None:
             weight = gguf_io.unpermute_qk_rows(weight, heads)
         state[hf_name] = weight.to(dtype)
+    for module_name, qweight in kept.items():
+        bias = state.pop(f"{module_name}.bias", None)
+        set_submodule(model, module_name, QuantLinear(qweight, format_class(qweight.format)(), bias, dtype))
     return _materialise(model, state, source)
 
 
