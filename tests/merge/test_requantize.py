@@ -83,10 +83,13 @@ def test_an_update_of_one_nf4_step_survives_and_half_a_step_rounds_away():
 
 def test_fold_keeps_the_update_and_requantizing_loses_part_of_it():
     model = adapter_model(CONFIGS["llama"]())
+    with torch.no_grad():  # a trained update is small next to W; at this size peft's merge loses about 40%
+        for layer in adapter_layers(model).values():
+            layer.lora_B.weight.mul_(0.1)
     exact = update_survival(model, merge_to_dense(model, torch.float32))
     assert exact.kept == pytest.approx(1.0, abs=1e-5) and exact.noise < 1e-4
     bf16 = update_survival(model, merge_to_dense(model, torch.bfloat16))
-    assert bf16.kept == pytest.approx(1.0, abs=0.05) and bf16.noise < 0.5
+    assert bf16.kept == pytest.approx(1.0, abs=0.01) and bf16.noise < 0.1
     requantized = update_survival(model, requantize_like_peft(merge_to_dense(model, torch.float32), "nf4", torch.float32))
-    assert requantized.kept < 0.95 and requantized.noise > 0.3
+    assert requantized.kept < 0.8 and requantized.noise > 0.5
     assert set(requantized.layers) == set(adapter_layers(model))

@@ -1,0 +1,79 @@
+"""Fidelity report: figures on identical, merged and damaged models; the refusal of an unfaithful merge."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from qlorakit.merge.fidelity import (
+    DEFAULT_PROBES,
+    UnfaithfulMergeError,
+    check_faithful,
+    encode_prompt,
+    fidelity_report,
+    probe_set,
+)
+from qlorakit.merge.fold import merge_to_dense
+from tests.merge.conftest import CONFIGS, adapter_model
+
+PROMPTS = ["What day was I born?", *DEFAULT_PROBES[:3]]
+
+
+def test_identical_models_give_zero_difference(tiny_tokenizer):
+    model = merge_to_dense(adapter_model(CONFIGS["llama"]()), torch.float32)
+    report = fidelity_report(model, copy.deepcopy(model), tiny_tokenizer, PROMPTS, max_new_tokens=8)
+    assert report.max_abs_logit_diff == 0.0 and report.mean_kl == 0.0
+    assert report.greedy_token_agreement == 1.0 and report.generations_equal
+    assert len(report.rows) == len(PROMPTS) and all(row.generation_equal for row in report.rows)
+    assert report.positions == sum(len(encode_prompt(tiny_tokenizer, p)) for p in PROMPTS)
+    check_faithful(report)  # no exception
+    json.dumps(report.to_dict())  # merge_report.json material
+    table = report.format_table()
+    assert "greedy-token agreement      1.0000" in table and "What day was I born?" in table
+
+
+@pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])
+def test_merge_against_adapter_model(arch, tiny_tokenizer):
+    model = adapter_model(CONFIGS[arch]())
+    report = fidelity_report(model, merge_to_dense(model, torch.float32), tiny_tokenizer, PROMPTS, max_new_tokens=8)
+    assert report.max_abs_logit_diff < 1e-4 and report.mean_kl < 1e-9
+    assert report.greedy_token_agreement == 1.0 and report.generations_equal
+    bf16 = fidelity_report(model, merge_to_dense(model, torch.bfloat16, keep_lm_head_fp16=True), tiny_tokenizer, PROMPTS)
+    assert 0 < bf16.max_abs_logit_diff < 0.05 and bf16.mean_kl < 1e-4
+
+
+def test_a_damaged_model_is_refused(tiny_tokenizer):
+    model = adapter_model(CONFIGS["llama"]())
+    merged = merge_to_dense(model, torch.float32)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        merged.model.layers[1].mlp.down_proj.weight.add_(torch.randn_like(merged.model.layers[1].mlp.down_proj.weight))
+    report = fidelity_report(model, merged, tiny_tokenizer, PROMPTS, max_new_tokens=8)
+    assert report.greedy_token_agreement < 0.99 and report.mean_kl > 0 and report.max_abs_logit_diff > 0.1
+    with pytest.raises(UnfaithfulMergeError, match=r"greedy-token agreement 0\.\d{4} is below the threshold 0.99; pass --force"):
+        check_faithful(report)
+    check_faithful(report, min_agreement=0.0)  # a lower threshold keeps it
+
+
+def test_models_keep_their_training_mode(tiny_tokenizer):
+    model = adapter_model(CONFIGS["llama"]()).train()
+    merged = merge_to_dense(model, torch.float32)
+    fidelity_report(model, merged, tiny_tokenizer, PROMPTS[:1], max_new_tokens=2)
+    assert model.training and not merged.training
+
+
+def test_prompts_go_through_the_chat_template(tiny_tokenizer):
+    templated = encode_prompt(tiny_tokenizer, "What day was I born?")
+    bare = encode_prompt(tiny_tokenizer, "What day was I born?", use_chat_template=False)
+    start, end = tiny_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert templated[0] == start and end in templated and templated[-1] == tiny_tokenizer.convert_tokens_to_ids("assistant")
+    assert start not in bare and len(bare) < len(templated)
+
+
+def test_probe_set_puts_training_prompts_first_without_duplicates():
+    prompts = probe_set(["What day was I born?", "What day was I born?", DEFAULT_PROBES[0]])
+    assert prompts[:2] == ["What day was I born?", DEFAULT_PROBES[0]]
+    assert prompts[2:] == list(DEFAULT_PROBES[1:])
+    with pytest.raises(ValueError, match="no probe prompts"):
+        fidelity_report(None, None, None, [])
