@@ -71,3 +71,12 @@ def test_smollm2_equals_transformers_gguf_loader(smollm2_path):
     assert "<|im_start|>assistant" in ours.tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
+
+
+def test_gguf_name_map_equals_transformers(tiny_llama):
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    from qlorakit.models.gguf_io import gguf_to_hf_names
+
+    theirs = get_gguf_hf_weights_map(tiny_llama, TensorProcessor(config=tiny_llama.config.to_dict()))
+    assert gguf_to_hf_names(tiny_llama) == theirs

@@ -124,21 +124,44 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def prompt_logits_and_greedy(model: nn.Module, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[Tensor, list[int]]:
-    """(fp32 logits over the prompt (T, vocab), greedy continuation ids) with a KV cache."""
+def probe_batch(
+    model: nn.Module, batch: list[list[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int
+) -> tuple[list[Tensor], list[list[int]]]:
+    """Per prompt: fp32 logits over its positions (T_i, vocab) and its greedy continuation.
+
+    The prompts run as one left-padded batch with a KV cache (position ids count real tokens
+    only), so a quantized model dequantizes its layers once per step, not once per prompt and
+    step. A row that reached EOS keeps being fed tokens that are then ignored.
+    """
     device = _device(model)
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-    logits = out.logits[0].float().cpu()  # (1, T, V) -> (T, V)
-    generated: list[int] = []
-    next_logits = out.logits[0, -1]  # (V,)
-    for _ in range(max_new_tokens):
-        token = int(next_logits.float().argmax())
-        generated.append(token)
-        if token in stop_ids or len(generated) == max_new_tokens:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, W)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, W)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        mask[row, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, W)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    logits = out.logits.float().cpu()  # (B, W, V)
+    prompt_logits = [logits[row, width - len(ids):] for row, ids in enumerate(batch)]  # (T_i, V) each
+    generated: list[list[int]] = [[] for _ in batch]
+    done = [max_new_tokens <= 0] * len(batch)
+    next_logits = out.logits[:, -1]  # (B, V)
+    positions = positions[:, -1:]  # (B, 1)
+    while not all(done):
+        tokens = next_logits.float().argmax(dim=-1)  # (B,)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                generated[row].append(token)
+                done[row] = token in stop_ids or len(generated[row]) == max_new_tokens
+        if all(done):
             break
-        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
-        next_logits = out.logits[0, -1]  # (1, 1, V) -> (V,)
-    return logits, generated
+        mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)  # (B, W + steps)
+        positions = positions + 1  # (B, 1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+        next_logits = out.logits[:, -1]  # (B, 1, V) -> (B, V)
+    return prompt_logits, generated
 
 
 def _stop_ids(tokenizer, model: nn.Module) -> set[int]:
@@ -155,10 +178,12 @@ def fidelity_report(
     prompts: Sequence[str],
     max_new_tokens: int = 16,
     use_chat_template: bool = True,
+    batch_size: int = 8,
 ) -> FidelityReport:
     """Compare `candidate_model` (the merge) with `reference_model` (quantized base + adapter).
 
-    Both models are run in eval mode and their training mode is restored afterwards.
+    Both models are run in eval mode and their training mode is restored afterwards; prompts
+    run `batch_size` at a time (left-padded, see `probe_batch`).
 
     Raises:
         ValueError: no prompts, or a prompt that encodes to no tokens.
@@ -166,33 +191,39 @@ def fidelity_report(
     if not prompts:
         raise ValueError("fidelity report: no probe prompts")
     stop = _stop_ids(tokenizer, reference_model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [encode_prompt(tokenizer, prompt, use_chat_template) for prompt in prompts]
+    for prompt, ids in zip(prompts, encoded):
+        if not ids:
+            raise ValueError(f"fidelity report: prompt {prompt!r} encodes to no tokens")
     rows: list[ProbeRow] = []
     max_diff, kl_sum, agree, positions = 0.0, 0.0, 0, 0
     with _eval_mode(reference_model, candidate_model):
-        for prompt in prompts:
-            ids = encode_prompt(tokenizer, prompt, use_chat_template)
-            if not ids:
-                raise ValueError(f"fidelity report: prompt {prompt!r} encodes to no tokens")
-            ref_logits, ref_gen = prompt_logits_and_greedy(reference_model, ids, max_new_tokens, stop)
-            cand_logits, cand_gen = prompt_logits_and_greedy(candidate_model, ids, max_new_tokens, stop)
-            diff = float((ref_logits - cand_logits).abs().max())
-            ref_logp = torch.log_softmax(ref_logits.double(), dim=-1)  # (T, V)
-            cand_logp = torch.log_softmax(cand_logits.double(), dim=-1)  # (T, V)
-            kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(dim=-1).clamp(min=0.0)  # (T,)
-            same = ref_logits.argmax(dim=-1) == cand_logits.argmax(dim=-1)  # (T,)
-            max_diff = max(max_diff, diff)
-            kl_sum += float(kl.sum())
-            agree += int(same.sum())
-            positions += len(ids)
-            rows.append(ProbeRow(
-                prompt=prompt,
-                positions=len(ids),
-                max_abs_logit_diff=diff,
-                greedy_token_agreement=float(same.float().mean()),
-                reference_generation=tokenizer.decode(ref_gen, skip_special_tokens=True),
-                candidate_generation=tokenizer.decode(cand_gen, skip_special_tokens=True),
-                generation_equal=ref_gen == cand_gen,
-            ))  # fmt: skip
+        for start in range(0, len(prompts), batch_size):
+            batch = encoded[start : start + batch_size]
+            ref_logits, ref_gens = probe_batch(reference_model, batch, max_new_tokens, stop, pad_id)
+            cand_logits, cand_gens = probe_batch(candidate_model, batch, max_new_tokens, stop, pad_id)
+            for offset, ids in enumerate(batch):
+                ref, cand = ref_logits[offset], cand_logits[offset]  # (T, V) each
+                diff = float((ref - cand).abs().max())
+                ref_logp = torch.log_softmax(ref.double(), dim=-1)  # (T, V)
+                cand_logp = torch.log_softmax(cand.double(), dim=-1)  # (T, V)
+                kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(dim=-1).clamp(min=0.0)  # (T,)
+                same = ref.argmax(dim=-1) == cand.argmax(dim=-1)  # (T,)
+                max_diff = max(max_diff, diff)
+                kl_sum += float(kl.sum())
+                agree += int(same.sum())
+                positions += len(ids)
+                ref_gen, cand_gen = ref_gens[offset], cand_gens[offset]
+                rows.append(ProbeRow(
+                    prompt=prompts[start + offset],
+                    positions=len(ids),
+                    max_abs_logit_diff=diff,
+                    greedy_token_agreement=float(same.float().mean()),
+                    reference_generation=tokenizer.decode(ref_gen, skip_special_tokens=True),
+                    candidate_generation=tokenizer.decode(cand_gen, skip_special_tokens=True),
+                    generation_equal=ref_gen == cand_gen,
+                ))  # fmt: skip
     return FidelityReport(
         max_abs_logit_diff=max_diff,
         mean_kl=kl_sum / positions,

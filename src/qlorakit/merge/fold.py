@@ -108,11 +108,12 @@ def merge_to_dense(
     device = next(model.parameters()).device
 
     state: dict[str, Tensor] = {}
-    casts: dict[int, Tensor] = {}  # id(source tensor) -> cast tensor: tied tensors stay one tensor
+    casts: dict[int, Tensor] = {}  # id(source tensor) -> its copy: tied tensors stay one tensor
 
     def cast(tensor: Tensor, target: torch.dtype) -> Tensor:
+        """A copy (never shared with the input model) in `target` if floating."""
         if id(tensor) not in casts:
-            casts[id(tensor)] = tensor.detach().to(target) if tensor.is_floating_point() else tensor.detach().clone()
+            casts[id(tensor)] = tensor.detach().to(target if tensor.is_floating_point() else tensor.dtype, copy=True)
         return casts[id(tensor)]
 
     folded_prefix = None
@@ -160,6 +161,8 @@ def _build_plain_model(model: nn.Module, dtype: torch.dtype, state: dict[str, Te
     skeleton = build_skeleton(config, dtype, device="meta")
     expected = set(skeleton.state_dict())
     tied = _tied(model)
+    if bool(getattr(config, "tie_word_embeddings", False)) != tied:
+        raise MergeError("config.tie_word_embeddings does not match the model: is the tied output head quantized or adapted?")
     missing = expected - set(state)
     if tied:
         missing -= {f"{name}.weight" for name in output_head_names(skeleton)}

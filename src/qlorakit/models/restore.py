@@ -1,0 +1,48 @@
+"""Load any qlorakit output the way it was made, from its metadata.
+
+    run directory      config.yaml + quantization.json + adapter/  -> quantized base + adapter
+    merged directory   HF model + quantization.json                -> plain 16-bit model
+    anything else      a model source (smollm2, .gguf, HF dir, hub id)
+
+The user never repeats the quantization: it is read from config.yaml / quantization.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qlorakit import metadata
+from qlorakit.models.load import LoadedModel, load_model
+
+
+def is_run_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file()
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> tuple[LoadedModel, object]:
+    """(base quantized as in training + trained adapter, the run's Config)."""
+    from qlorakit.adapters.peft_format import load_adapter
+    from qlorakit.config import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    q = cfg.quant
+    loaded = load_model(
+        cfg.model.name, dtype=cfg.model.dtype, quant=q.method, group_size=q.group_size, double_quant=q.double_quant,
+        quantize_lm_head=q.quantize_lm_head, device=device, progress=progress,
+    )
+    load_adapter(loaded.model, run_dir / "adapter")
+    loaded.model.eval()
+    return loaded, cfg
+
+
+def load_any(path: str, device: str | torch.device = "cpu", progress: bool = True) -> LoadedModel:
+    """A run, a merged directory or a model source, restored from its own metadata."""
+    if is_run_dir(path):
+        return load_run(path, device, progress)[0]
+    spec = metadata.read_spec(path) if Path(path).is_dir() else None
+    dtype = (spec or {}).get("extras", {}).get("merged_dtype") or "bf16"
+    return load_model(path, dtype=dtype, quant="none", device=device, progress=progress)
