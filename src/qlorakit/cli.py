@@ -50,7 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("merge", parents=[common], help="fold a run's adapter into its base, with a fidelity report")
+    p.add_argument("run", help="a run directory written by qlorakit train")
+    p.add_argument("--out", required=True, help="output directory (a plain Hugging Face model)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the merged weights")
+    p.add_argument("--into", default="dequantized", choices=["dequantized", "original"],
+                   help="fold into the dequantized base the adapter was trained on, or the source's original 16-bit weights")
+    p.add_argument("--keep-lm-head-fp16", action="store_true", help="keep the output head in fp16 when merging to bf16")
+    p.add_argument("--requantize", choices=["nf4", "fp4"], help="also measure peft's re-quantizing merge (report only)")
+    p.add_argument("--min-agreement", type=float, default=0.99, help="greedy-token agreement below which the merge is refused")
+    p.add_argument("--force", action="store_true", help="write the merge even when it is not faithful")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return parser
+
+
+@command("merge")
+def _merge(args: argparse.Namespace) -> int:
+    from qlorakit.merge.run import format_merge, merge_run
+
+    result = merge_run(
+        args.run, args.out, dtype=args.dtype, into=args.into, keep_lm_head_fp16=args.keep_lm_head_fp16,
+        requantize=args.requantize, force=args.force, overwrite=args.overwrite, min_agreement=args.min_agreement,
+    )
+    _emit(args, {**result.report, "out": str(result.out_dir), "seconds": round(result.seconds, 2)}, format_merge(result))
+    return 0
 
 
 @command("train")

@@ -125,40 +125,22 @@ def _from_quantized(name: str, q: QuantizedWeight, heads: int | None) -> _Planne
     from qlorakit.quant.gguf_types import ggml_type_for_format
 
     ggml_type = ggml_type_for_format(q.format)
-    blocks = q.tensors["blocks"].detach().cpu()  # (out, nblocks * bytes)
-    if heads is not None:
-        blocks = gguf_io.permute_qk_rows(blocks, heads)  # (out, nblocks * bytes), GGUF row order
-    blocks = blocks.contiguous()
-    return _PlannedTensor(
-        name, tuple(blocks.shape), np.dtype(np.uint8), blocks.numel(), ggml_type, lambda: blocks.numpy()
-    )
+    blocks = q.tensors["blocks"]  # (out, nblocks * bytes)
+
+    def load() -> np.ndarray:
+        rows = blocks.detach().cpu()  # (out, nblocks * bytes)
+        if heads is not None:
+            rows = gguf_io.permute_qk_rows(rows, heads)  # (out, nblocks * bytes), GGUF row order
+        return rows.contiguous().numpy()
+
+    return _PlannedTensor(name, tuple(blocks.shape), np.dtype(np.uint8), blocks.numel(), ggml_type, load)
 
 
-def _gguf_names(config) -> dict[str, str]:
-    """GGUF tensor name -> transformers parameter name for `config`'s architecture (meta skeleton).
-
-    The same names as transformers' `get_gguf_hf_weights_map` (gguf_io.gguf_to_hf_names), which
-    rebuilds gguf-py's name table once per submodule (~10 s for SmolLM2): one table is enough when
-    every parameter maps at the top level; otherwise transformers' recursive map is used.
-    """
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-
+def gguf_tensor_names(config) -> dict[str, str]:
+    """GGUF tensor name -> transformers parameter name for `config`'s architecture (meta skeleton)."""
     from qlorakit.models.load import build_skeleton
 
-    skeleton = build_skeleton(config, torch.float32, device="meta")
-    arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == config.model_type), None)
-    if arch is not None:
-        table = get_tensor_name_map(arch, config.num_hidden_layers)
-        names = {}
-        for hf_name in skeleton.state_dict():
-            stem, _, suffix = hf_name.rpartition(".")
-            gguf_name = table.get_name(stem)
-            if gguf_name is None:
-                break
-            names[f"{gguf_name}.{suffix}"] = hf_name
-        else:
-            return names
-    return gguf_io.gguf_to_hf_names(skeleton)
+    return gguf_io.gguf_to_hf_names(build_skeleton(config, torch.float32, device="meta"))
 
 
 def write_merged_gguf(
@@ -181,7 +163,7 @@ def write_merged_gguf(
         QuantizationError: a weight is not in a GGUF block format (int4, nf4 have no GGUF type).
     """
     reader = gguf_io.open_reader(source_gguf)
-    names = _gguf_names(config)
+    names = gguf_tensor_names(config)
     pending = dict(new_weights)
     planned = []
     for tensor in reader.tensors:
@@ -276,7 +258,6 @@ def export_dense_to_gguf(
     reader = gguf_io.open_reader(source)
     _check_same_model(reader, config, source)
 
-
     files, shapes = {}, {}  # HF tensor name -> safetensors file, shape
     for path in sorted(hf_model_dir.glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
@@ -293,7 +274,7 @@ def export_dense_to_gguf(
         return load
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    names = _gguf_names(config)
+    names = gguf_tensor_names(config)
     planned, used = [], set()
     for tensor in reader.tensors:
         hf_name = names.get(tensor.name)
@@ -321,7 +302,7 @@ def _check_same_model(reader, config, source: Path) -> None:
         "general.architecture": (arch, config.model_type),
         f"{arch}.block_count": (_scalar(fields, f"{arch}.block_count"), config.num_hidden_layers),
         f"{arch}.embedding_length": (_scalar(fields, f"{arch}.embedding_length"), config.hidden_size),
-        "tokenizer.ggml.tokens": (len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields else None, config.vocab_size),
+        "tokenizer.ggml.tokens": (len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields else 0, config.vocab_size),
     }
     for key, (found, wanted) in expected.items():
         if found != wanted:

@@ -104,6 +104,9 @@ def save_merged(
             its file system has less free space than the state dict's size + 10%.
     """
     out = Path(out_dir)
+    for name in extra_files or {}:
+        if Path(name).name != name:
+            raise MergeWriteError(f"extra file {name!r}: give a plain file name, it is written inside {out}")
     if out.exists() and not out.is_dir():
         raise MergeWriteError(f"{out}: exists and is a file; choose another output directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -11,6 +11,7 @@ merge) is correct because the stored codes are never modified in place, unlike b
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -75,6 +76,7 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.dense_cache: Tensor | None = None  # see `cached_dense_weights`
 
     @classmethod
     def from_dense(
@@ -98,7 +100,10 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense (out_features, in_features) weight in `dtype` (default: compute dtype)."""
-        return self.fmt.dequantize(self.qweight, dtype or self.compute_dtype)
+        dtype = dtype or self.compute_dtype
+        if self.dense_cache is not None and self.dense_cache.dtype == dtype:
+            return self.dense_cache
+        return self.fmt.dequantize(self.qweight, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         y = dequantized_matmul(x.to(self.compute_dtype), self.dequantize_weight)  # (..., out)
@@ -111,6 +116,23 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
             f"group_size={self.group_size}, compute_dtype={self.compute_dtype}, bias={self.bias is not None}"
         )
+
+
+@contextlib.contextmanager
+def cached_dense_weights(model: nn.Module):
+    """Inside this block every QuantLinear of `model` keeps its dense weight (compute dtype).
+
+    For inference that runs many small forwards (generation, probe sets): one dequantization per
+    layer instead of one per token, at the cost of a dense copy of the quantized weights.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        for layer in layers:
+            layer.dense_cache = layer.fmt.dequantize(layer.qweight, layer.compute_dtype)
+        yield model
+    finally:
+        for layer in layers:
+            layer.dense_cache = None
 
 
 def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
