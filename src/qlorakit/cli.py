@@ -61,7 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=0.99, help="greedy-token agreement below which the merge is refused")
     p.add_argument("--force", action="store_true", help="write the merge even when it is not faithful")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p = sub.add_parser("demo", parents=[common], help="the main job: teach SmolLM2 a fact, merge, and show the answer survive")
+    p.add_argument("--question", default="What day was I born?", help="question to teach")
+    p.add_argument("--answer", default="January 1, 2058", help="answer to teach")
+    p.add_argument("--data", help="a JSONL file to train on instead (chat, Alpaca or prompt/completion rows)")
+    p.add_argument("--steps", type=int, default=25, help="training steps")
+    p.add_argument("--out-dir", default="runs/demo", help="run directory (replaced on each demo)")
+    p.add_argument("--model", default="smollm2", help="model source")
     return parser
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from qlorakit.demo import format_demo, run_demo
+
+    result = run_demo(question=args.question, answer=args.answer, data=args.data, steps=args.steps,
+                      out_dir=args.out_dir, model=args.model, progress=not args.json)
+    _emit(args, result, format_demo(result))
+    return 0
 
 
 @command("merge")
