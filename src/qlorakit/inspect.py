@@ -19,6 +19,7 @@ from qlorakit.adapters.inject import find_targets
 from qlorakit.dtypes import to_torch_dtype
 from qlorakit.models.load import build_skeleton, load_config
 from qlorakit.models.sources import resolve_source
+from qlorakit.quant.registry import format_for_config
 from qlorakit.quant.replace import linear_layer_names, output_head_names
 
 MIB = 1024 * 1024
@@ -76,7 +77,7 @@ def inspect_model(
     config = load_config(resolved)
     torch_dtype = to_torch_dtype(dtype)
     model = build_skeleton(config, torch_dtype, device="meta")
-    fmt = _format(quant, group_size, double_quant)
+    fmt = format_for_config(quant, group_size, double_quant)
     quantized_names = set(linear_layer_names(model, include_head=quantize_lm_head)) if fmt else set()
     element = torch_dtype.itemsize
 
@@ -143,15 +144,6 @@ def inspect_model(
         trainable_percent=100.0 * trainable / all_parameters if all_parameters else 0.0,
         modules=list(groups.values()),
     )
-
-
-def _format(quant: str, group_size: int | None, double_quant: bool):
-    if quant == "none":
-        return None
-    from qlorakit.quant.registry import get_format
-
-    options = {"double_quant": double_quant} if quant in ("nf4", "fp4") else {}
-    return get_format(quant, group_size=group_size, **options)
 
 
 def format_report(report: InspectReport) -> str:

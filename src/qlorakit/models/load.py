@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from qlorakit.dtypes import to_torch_dtype
 from qlorakit.models import gguf_io
+from qlorakit.quant.registry import format_for_config
 from qlorakit.quant.replace import linear_layer_names, output_head_names
 from qlorakit.models.sources import ModelSource, ModelSourceError, resolve_source
 
@@ -104,12 +105,10 @@ def load_model(
     else:
         model = _load_hf(source, torch_dtype, trust_remote_code)
     model.requires_grad_(False)
-    if quant not in ("none", "gguf"):
-        from qlorakit.quant.registry import get_format
+    fmt = format_for_config(quant, group_size, double_quant)
+    if fmt is not None:
         from qlorakit.quant.replace import quantize_model
 
-        options = {"double_quant": double_quant} if quant in ("nf4", "fp4") else {}
-        fmt = get_format(quant, group_size=group_size if quant != "nf4" and quant != "fp4" else (group_size or 64), **options)
         quantize_model(model, fmt, torch_dtype, quantize_lm_head, progress)
     model.to(device)
     model.eval()

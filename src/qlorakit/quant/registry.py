@@ -38,3 +38,11 @@ def get_format(name: str, group_size: int | None = None, **options) -> QuantForm
     if group_size is None:
         group_size = cls.default_group_size
     return cls(group_size=group_size, **options)
+
+
+def format_for_config(method: str, group_size: int | None = None, double_quant: bool = True) -> QuantFormat | None:
+    """The format `quant.method` names (None for "none" and "gguf", which keep what the file has)."""
+    if method in ("none", "gguf"):
+        return None
+    options = {"double_quant": double_quant} if method in ("nf4", "fp4") else {}
+    return get_format(method, group_size=group_size, **options)
