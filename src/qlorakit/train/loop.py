@@ -35,6 +35,7 @@ from qlorakit.data.dataset import build_datasets
 from qlorakit.models.load import load_model, load_tokenizer
 from qlorakit.models.sources import resolve_source
 from qlorakit.train import checkpoint as ckpt
+from qlorakit.train.distributed import World, init_world, shutdown
 from qlorakit.train.metrics import MetricsLog, plot_loss, read_metrics, sparkline
 from qlorakit.train.optim import build_optimizer
 from qlorakit.train.rundir import check_output_dir, create_output_dir
@@ -68,8 +69,10 @@ class BatchStream:
     Unpacked rows are length-grouped (seeded per epoch); packed sequences are shuffled.
     """
 
-    def __init__(self, examples: list[dict], batch_size: int, seed: int, packed: bool, pad_id: int):
-        self.examples, self.batch_size, self.seed, self.packed, self.pad_id = examples, batch_size, seed, packed, pad_id
+    def __init__(self, examples: list[dict], batch_size: int, seed: int, packed: bool, pad_id: int, world: World = World()):
+        self.examples, self.seed, self.packed, self.pad_id, self.world = examples, seed, packed, pad_id, world
+        self.local_batch_size = batch_size
+        self.batch_size = batch_size * world.size  # global batch: every rank's slice together
         self.epoch, self.index = 0, 0
         self._batches = self._epoch_batches(0)
 
@@ -95,8 +98,13 @@ class BatchStream:
     def next(self) -> dict[str, torch.Tensor]:
         if self.index >= len(self._batches):
             self.seek(self.epoch + 1, 0)
-        rows = [self.examples[i] for i in self._batches[self.index]]
+        indices = self._batches[self.index]
         self.index += 1
+        if self.world.size > 1:  # a short global batch is filled by repeating, as DistributedSampler does
+            indices = (indices * self.batch_size)[: self.batch_size]
+            start = self.world.rank * self.local_batch_size
+            indices = indices[start : start + self.local_batch_size]  # this rank's slice
+        rows = [self.examples[i] for i in indices]
         collate = collate_packed if self.packed else collate_padded
         return collate(rows, pad_token_id=self.pad_id)
 
@@ -139,7 +147,11 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
     started = time.perf_counter()
     t = cfg.train
     run_dir = Path(t.output_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world = init_world()
+    device = device or (f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
+    progress = progress and world.is_main
+    if world.size > 1 and world.is_main:
+        _log(f"world size: {world.size}")
 
     # 1. Validate everything before writing anything.
     check_output_dir(run_dir, overwrite=overwrite, resume=t.resume)
@@ -169,12 +181,14 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
     pad_id = pad_token_id(tokenizer)
-    stream = BatchStream(train_rows, t.batch_size, t.seed, d.packing, pad_id)
+    stream = BatchStream(train_rows, t.batch_size, t.seed, d.packing, pad_id, world)
     steps = total_steps(cfg, stream.batches_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
 
     # 3. The run directory, now that everything is known to work.
-    create_output_dir(run_dir, overwrite=overwrite, resume=t.resume)
+    if world.is_main:
+        create_output_dir(run_dir, overwrite=overwrite, resume=t.resume)
+    world.barrier()
     dataset_name = Path(d.path).stem if Path(d.path).suffix else d.path.rsplit("/", 1)[-1]
     spec = metadata.build_spec(cfg, source.name, dataset_name, source.location)
     start_step, resumed_from = 0, None
@@ -186,13 +200,16 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
             stream.seek(position["epoch"], position["index"])
             resumed_from = str(latest)
             _log(f"resumed from {latest}")
-    save_config(cfg, run_dir / "config.yaml")
-    metadata.write_spec(run_dir, spec)
-    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if t.tensorboard else None)
-    _log(
-        f"training {spec['tag']}: {trainable_parameters(model):,} trainable parameters, {steps} steps, "
-        f"effective batch {t.batch_size} x {t.grad_accum} = {t.batch_size * t.grad_accum}, device {device}"
-    )
+    if world.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        metadata.write_spec(run_dir, spec)
+    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if t.tensorboard else None) if world.is_main else None
+    if world.is_main:
+        _log(
+            f"training {spec['tag']}: {trainable_parameters(model):,} trainable parameters, {steps} steps "
+            f"({t.schedule} schedule, warmup {t.warmup_ratio:g}), effective batch {t.batch_size} x {t.grad_accum} x "
+            f"{world.size} = {t.batch_size * t.grad_accum * world.size}, device {device}"
+        )
 
     # 4. The loop.
     model.train()
@@ -204,12 +221,15 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = [stream.next() for _ in range(t.grad_accum)]
-        num_items = max(1, sum(_trained_tokens(b) for b in micro_batches))
+        num_items = max(1, world.sum_int(sum(_trained_tokens(b) for b in micro_batches), device))
         step_loss = 0.0
         for batch in micro_batches:
             loss = _forward_loss(model, batch, num_items, device)
             loss.backward()
             step_loss += float(loss.detach())
+        world.sum_gradients(params)
+        if world.size > 1:
+            step_loss = _sum_float(step_loss, world, device)
         grad_norm = _clip(params, t.max_grad_norm)
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
@@ -219,7 +239,8 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
                     f"step {step}: loss {step_loss} / gradient norm {grad_norm} is not finite; the last good checkpoint "
                     f"is kept in {run_dir / 'checkpoints'} (set train.skip_nonfinite=true to skip such batches)"
                 )
-            log.write({"step": step, "skipped": True, "loss": None, "lr": lr})
+            if log is not None:
+                log.write({"step": step, "skipped": True, "loss": None, "lr": lr})
             bar.update(1)
             continue
         optimizer.step()
@@ -231,30 +252,40 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         last_loss = step_loss
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
         bar.update(1)
-        if step % t.log_every == 0 or step == steps:
+        if log is not None and (step % t.log_every == 0 or step == steps):
             log.write({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / seconds, "grad_norm": grad_norm,
                        "epoch": stream.epoch + stream.index / max(1, stream.batches_per_epoch)})
-        if val_rows and t.eval_every and step % t.eval_every == 0 and step != steps:
+        if log is not None and val_rows and t.eval_every and step % t.eval_every == 0 and step != steps:
             log.write({"step": step, "val_loss": evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)})
-        if t.save_every and step % t.save_every == 0 and step != steps:
+        if world.is_main and t.save_every and step % t.save_every == 0 and step != steps:
             ckpt.save_checkpoint(run_dir, step, adapter_state_dict(model), optimizer, stream.position())
     bar.close()
 
-    # 5. Results: final checkpoint, adapter, validation loss, loss curve.
-    if steps > start_step:
-        ckpt.save_checkpoint(run_dir, steps, adapter_state_dict(model), optimizer, stream.position())
-    if val_rows:
-        val_loss = evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)
-        log.write({"step": steps, "val_loss": val_loss})
-    log.close()
-    save_adapter(model, run_dir / "adapter", source.location, cfg.adapter.dropout)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    plot_loss(records, run_dir / "loss.png", spec["tag"])
-    losses = [r["loss"] for r in records if r.get("loss") is not None]
-    if losses:
-        _log(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}  {sparkline(losses)}")
+    # 5. Results (rank 0): final checkpoint, adapter, validation loss, loss curve.
+    if world.is_main:
+        if steps > start_step:
+            ckpt.save_checkpoint(run_dir, steps, adapter_state_dict(model), optimizer, stream.position())
+        if val_rows:
+            val_loss = evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)
+            log.write({"step": steps, "val_loss": val_loss})
+        log.close()
+        save_adapter(model, run_dir / "adapter", source.location, cfg.adapter.dropout)
+        records = read_metrics(run_dir / "metrics.jsonl")
+        plot_loss(records, run_dir / "loss.png", spec["tag"])
+        losses = [r["loss"] for r in records if r.get("loss") is not None]
+        if losses:
+            _log(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}  {sparkline(losses)}")
+    world.barrier()
+    shutdown(world)
     model.eval()
     return TrainResult(run_dir, steps, first_loss, last_loss, val_loss, time.perf_counter() - started, resumed_from, model, tokenizer)
+
+
+def _sum_float(value: float, world: World, device) -> float:
+    """Σ over ranks of a per-rank float (the step loss: each rank's share of the global mean)."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item())
 
 
 def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
