@@ -14,6 +14,7 @@ trained here has the tensor names and q/k row order of
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -88,8 +89,13 @@ def open_reader(path: str | os.PathLike):
 
 
 def architecture(reader) -> str:
-    field = reader.fields["general.architecture"]
-    return bytes(field.parts[field.data[0]]).decode()
+    """The `general.architecture` string; GGUFError naming the file when it is missing or garbled."""
+    field = reader.fields.get("general.architecture")
+    try:
+        return bytes(field.parts[field.data[0]]).decode()
+    except (AttributeError, IndexError, TypeError, UnicodeDecodeError):
+        path = getattr(reader.data, "filename", None) or "GGUF file"
+        raise GGUFError(f"{path}: no readable general.architecture field (a corrupted GGUF?)") from None
 
 
 # transformers model_type -> gguf-py architecture name, where they differ.
@@ -160,3 +166,71 @@ def dense_tensor(reader_tensor) -> Tensor:
     shape = tuple(int(n) for n in reversed(reader_tensor.shape.tolist()))  # gguf lists ne0 (in) first
     return torch.from_numpy(array.reshape(shape).copy()).float()
 
+
+
+class IndexedTensor:
+    """A GGUF tensor located by a cached index, read through a memory map: the same
+    `name`, `tensor_type`, `shape` (ne, innermost first) and `data` as gguf's ReaderTensor."""
+
+    def __init__(self, path: Path, name: str, tensor_type: int, ne: list[int], offset: int):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        import numpy as np
+
+        self.name = name
+        self.tensor_type = GGMLQuantizationType(tensor_type)
+        self.shape = np.array(ne, dtype=np.uint64)
+        rows = [int(n) for n in reversed(ne)]  # outermost first, like ReaderTensor.data
+        if self.tensor_type == GGMLQuantizationType.F32:
+            dtype, count = np.float32, 1
+        elif self.tensor_type == GGMLQuantizationType.F16:
+            dtype, count = np.float16, 1
+        else:
+            block, type_size = GGML_QUANT_SIZES[self.tensor_type]
+            rows[-1] = rows[-1] // block * type_size  # bytes per row
+            dtype, count = np.uint8, 1
+        self.data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(rows) or (count,))
+
+
+def tensor_index(path: str | os.PathLike) -> list[IndexedTensor]:
+    """The file's tensors in file order, from the metadata cache (built once with GGUFReader,
+    which otherwise parses every metadata field, ~5 s for SmolLM2's vocabulary, on every load)."""
+    path = Path(path)
+    cache = _metadata_cache_dir(path) / "tensors.json"
+    if cache.is_file():
+        entries = json.loads(cache.read_text())
+    else:
+        reader = open_reader(path)
+        entries = [
+            {"name": t.name, "type": int(t.tensor_type), "ne": [int(n) for n in t.shape.tolist()], "offset": int(t.data_offset)}
+            for t in reader.tensors
+        ]
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".tensors.{os.getpid()}.json")
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # an unwritable cache only costs time
+    size = path.stat().st_size
+    tensors = []
+    for e in entries:
+        try:
+            tensors.append(IndexedTensor(path, e["name"], e["type"], e["ne"], e["offset"]))
+        except (ValueError, KeyError, OSError) as error:
+            raise GGUFError(f"{path}: tensor {e.get('name')} does not fit in the file ({size} bytes): truncated? ({error})") from None
+    return tensors
+
+
+QUANT_CACHE_VERSION = 1  # bump when a format's quantize() output changes
+
+
+def quantized_cache_path(source, fmt, quantize_lm_head: bool) -> Path | None:
+    """Cache file for `source` quantized with `fmt`, or None for sources without local files."""
+    import transformers
+
+    files = [Path(source.location)] if source.kind == "gguf" else sorted(Path(source.location).glob("*.safetensors"))
+    if source.kind not in ("gguf", "hf_dir") or not files:
+        return None
+    stats = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    key = f"{stats}|{fmt.name}|{fmt.group_size}|{sorted(fmt.options().items())}|{quantize_lm_head}|v{QUANT_CACHE_VERSION}|{transformers.__version__}"
+    return cache_root() / "quantized" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors")

@@ -9,6 +9,7 @@ Weights are read only from safetensors and GGUF; `trust_remote_code` stays off u
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,9 @@ def load_config(source: str | ModelSource, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
     except OSError as error:
         raise ModelSourceError(f"{source.spec}: cannot load its config ({error})".splitlines()[0]) from error
+    except ValueError as error:
+        _raise_if_remote_code(error, source)
+        raise
 
 
 def load_tokenizer(source: str | ModelSource, trust_remote_code: bool = False):
@@ -54,7 +58,11 @@ def load_tokenizer(source: str | ModelSource, trust_remote_code: bool = False):
         return gguf_io.load_gguf_metadata(source.location)[1]
     if source.kind == "config_dir":
         raise ModelSourceError(f"{source.spec}: holds only config.json, no tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        _raise_if_remote_code(error, source)
+        raise
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -107,17 +115,62 @@ def load_model(
     model.requires_grad_(False)
     fmt = format_for_config(quant, group_size, double_quant)
     if fmt is not None:
-        from qlorakit.quant.replace import quantize_model
-
-        quantize_model(model, fmt, torch_dtype, quantize_lm_head, progress)
+        _quantize_cached(model, fmt, source, torch_dtype, quantize_lm_head, progress)
     model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, source)
 
 
+def _quantize_cached(model: nn.Module, fmt, source: ModelSource, dtype: torch.dtype, quantize_lm_head: bool, progress: bool) -> None:
+    """Quantize the linear layers, reusing the codes of an earlier identical quantization.
+
+    Quantizing SmolLM2's 106M linear weights to nf4 takes ~10 s on 2 cores; the result depends
+    only on the source file, the format and its options, so it is kept in the cache directory
+    (safetensors) keyed by those and read back in well under a second.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from qlorakit.quant.replace import quantize_model, quantized_tensors
+
+    path = gguf_io.quantized_cache_path(source, fmt, quantize_lm_head)
+    cached = None
+    if path is not None and path.is_file():
+        try:
+            cached = load_file(str(path))
+        except Exception:
+            cached = None  # a damaged cache entry is rebuilt below
+    quantize_model(model, fmt, dtype, quantize_lm_head, progress, cached=cached)
+    if path is not None and cached is None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            save_file(quantized_tensors(model), str(tmp))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable cache only costs time
+
+
+def _check_safetensors(source: ModelSource) -> None:
+    """Read every *.safetensors header (not the data): a truncated or garbled file is named here,
+    instead of surfacing as transformers' "Error while deserializing header" without a path."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    for path in sorted(Path(source.location).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as error:  # SafetensorError, OSError: one message either way
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ModelSourceError(f"{path}: not a readable safetensors file, truncated or corrupted ({first_line})") from None
+
+
 def _load_hf(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if source.kind == "hf_dir":
+        _check_safetensors(source)
     try:
         return AutoModelForCausalLM.from_pretrained(
             source.location, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -125,6 +178,18 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -
     except OSError as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelSourceError(f"{source.spec}: cannot load model ({first_line})") from error
+    except ValueError as error:
+        _raise_if_remote_code(error, source)
+        raise
+
+
+def _raise_if_remote_code(error: ValueError, source: ModelSource) -> None:
+    """transformers' refusal to run a repository's own code, as one line that says why."""
+    if "trust_remote_code" in str(error) or "custom code" in str(error):
+        raise ModelSourceError(
+            f"{source.spec}: the model needs its own Python code (auto_map in config.json), which qlorakit does not "
+            "run: trust_remote_code is off; use a model whose architecture transformers ships"
+        ) from error
 
 
 def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blocks: bool) -> nn.Module:
@@ -145,10 +210,10 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
     model = build_skeleton(config, dtype, device="meta")
     names = gguf_io.gguf_to_hf_names(model)
     linear_names = set(linear_layer_names(model))
-    reader = gguf_io.open_reader(source.location)
+    tensors = gguf_io.tensor_index(source.location)
     state: dict[str, torch.Tensor] = {}
     kept: dict[str, object] = {}  # module name -> QuantizedWeight over the file's bytes
-    for tensor in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", disable=not progress, leave=False):
+    for tensor in tqdm(tensors, desc="reading GGUF", unit="tensor", disable=not progress, leave=False):
         hf_name = names.get(tensor.name)
         if hf_name is None:
             continue  # e.g. rope frequency tables transformers recomputes

@@ -105,6 +105,9 @@ class Absmax4bit(QuantFormat):
         super().__init__(group_size)
         self.double_quant = double_quant
 
+    def options(self) -> dict:
+        return {"double_quant": self.double_quant}
+
     @staticmethod
     def code() -> Tensor:  # (16,) fp32 values in [-1, 1], indexed by the 4-bit code
         raise NotImplementedError
@@ -119,7 +122,7 @@ class Absmax4bit(QuantFormat):
         tensors = {"codes": pack_nibbles(codes)}
         tensors.update(self._store_absmax(absmax))
         return QuantizedWeight(
-            self.name, (out_features, in_features), self.group_size, tensors, {"double_quant": self.double_quant}
+            self.name, (out_features, in_features), self.group_size, tensors, self.options()
         )
 
     def _store_absmax(self, absmax: Tensor) -> dict[str, Tensor]:

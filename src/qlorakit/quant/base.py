@@ -84,6 +84,10 @@ class QuantFormat(abc.ABC):
             raise QuantizationError(f"group_size must be positive, got {group_size}")
         self.group_size = group_size
 
+    def options(self) -> dict:
+        """The scalars a QuantizedWeight of this format carries in `options`."""
+        return {}
+
     @abc.abstractmethod
     def quantize(self, weight: Tensor) -> QuantizedWeight:
         """Quantize a dense (out_features, in_features) weight; any float dtype."""

@@ -12,7 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlorakit.quant.base import QuantFormat
-from qlorakit.quant.linear import QuantLinear, linear_shape
+from qlorakit.quant.base import QuantizedWeight
+from qlorakit.quant.linear import QuantLinear, dense_weight_of, linear_shape
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -45,8 +46,12 @@ def quantize_model(
     compute_dtype: torch.dtype = torch.bfloat16,
     quantize_lm_head: bool = False,
     progress: bool = True,
+    cached: dict[str, "torch.Tensor"] | None = None,
 ) -> list[str]:
     """Replace linear layers with QuantLinear in place; returns the names replaced.
+
+    cached: `quantized_tensors(model)` of an earlier identical quantization (same weights,
+    format and options); layers found there are rebuilt from it instead of quantized again.
 
     Raises:
         ValueError: `quantize_lm_head` on a model whose head is tied to its embeddings.
@@ -59,5 +64,22 @@ def quantize_model(
     names = [n for n in linear_layer_names(model, include_head=quantize_lm_head) if not isinstance(model.get_submodule(n), QuantLinear)]
     for name in tqdm(names, desc=f"quantizing to {fmt.name}", unit="layer", disable=not progress, leave=False):
         dense = model.get_submodule(name)
-        set_submodule(model, name, QuantLinear.from_dense(dense, fmt, compute_dtype))
+        prefix = f"{name}.qweight_"
+        stored = {k[len(prefix):]: v for k, v in (cached or {}).items() if k.startswith(prefix)}
+        if stored:
+            weight, layout = dense_weight_of(dense)
+            qweight = QuantizedWeight(fmt.name, tuple(weight.shape), fmt.group_size, stored, fmt.options())
+            set_submodule(model, name, QuantLinear(qweight, fmt, dense.bias, compute_dtype, layout))
+        else:
+            set_submodule(model, name, QuantLinear.from_dense(dense, fmt, compute_dtype))
     return names
+
+
+def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every QuantLinear's stored tensors by "<module>.qweight_<tensor>" (what `cached` takes)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            for key, tensor in module.qweight.tensors.items():
+                out[f"{name}.qweight_{key}"] = tensor.detach().clone()  # safetensors refuses shared storage
+    return out
