@@ -154,7 +154,7 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         _log(f"world size: {world.size}")
 
     # 1. Validate everything before writing anything.
-    check_output_dir(run_dir, overwrite=overwrite, resume=t.resume)
+    check_output_dir(run_dir, overwrite=overwrite, resume=t.resume, inputs={"data.path": cfg.data.path, "model.name": cfg.model.name})
     source = resolve_source(cfg.model.name)
     tokenizer = load_tokenizer(source)
     d = cfg.data

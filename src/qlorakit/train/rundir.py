@@ -29,8 +29,20 @@ def holds_run(path: Path) -> bool:
     return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
 
 
-def check_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
-    """Validate `path` before anything is written (raises RunDirError naming the problem)."""
+def check_output_dir(path: Path, *, overwrite: bool, resume: bool, inputs: dict[str, str] | None = None) -> None:
+    """Validate `path` before anything is written (raises RunDirError naming the problem).
+
+    inputs: config key -> path the run reads (data.path, model.name); --overwrite empties `path`
+    first, so an input inside it is refused rather than deleted.
+    """
+    if overwrite and not resume and path.exists():
+        for key, value in (inputs or {}).items():
+            resolved = Path(value).expanduser().resolve()
+            if resolved == path.resolve() or path.resolve() in resolved.parents:
+                raise RunDirError(
+                    f"train.output_dir: --overwrite would delete {key} {value}, which is inside {path}; "
+                    "move it or choose another output directory"
+                )
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():
             raise RunDirError(f"train.output_dir: {path} cannot be created: {parent} is a file")

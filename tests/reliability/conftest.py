@@ -1,0 +1,101 @@
+"""Fixtures for issue #9's bad-input tests: a tiny HF model, a runner for the CLI, input snapshots.
+
+CLI tests run `python -m qlorakit ...` in a subprocess (HF_HUB_OFFLINE=1), as a user would, and
+check the contract: exit 1, the last stderr line is `qlorakit <command>: error: ...` naming the
+problem, no traceback, no output left behind, inputs unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import build_tiny, tiny_llama_config
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from qlorakit.models.load import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+def _save_tiny(path: Path, tokenizer, **overrides) -> Path:
+    config = tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **overrides)
+    build_tiny(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """hidden 64, 2 layers, SmolLM2's tokenizer and chat template; fp32 safetensors."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """Same tokenizer, another shape (hidden 32, intermediate 96): a different base."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama-other"), smollm2_tokenizer,
+                      hidden_size=32, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1)
+
+
+QA_ROWS = [{"instruction": f"What colour is item {i}?", "input": "", "output": f"Item {i} is red."} for i in range(8)]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_config(path: Path, model, data, output_dir, **sections) -> Path:
+    """A small training config for the tiny model (2 steps, batch 2, fp32, nf4)."""
+    cfg = {
+        "model": {"name": str(model), "dtype": "fp32"},
+        "quant": {"method": "nf4"},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"path": str(data), "max_length": 48},
+        "train": {"output_dir": str(output_dir), "max_steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_ratio": 0.0,
+                  "save_every": None, "log_every": 1},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "qlorakit", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+
+
+def assert_cli_error(result: subprocess.CompletedProcess, command: str, *needles: str) -> str:
+    """Exit 1, no traceback, the last stderr line is the error and names every needle; returns it."""
+    stderr = result.stderr.strip()
+    assert result.returncode == 1, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {stderr}"
+    assert "Traceback" not in stderr, stderr
+    last = stderr.splitlines()[-1] if stderr else ""
+    assert last.startswith(f"qlorakit {command}: error: "), stderr
+    for needle in needles:
+        assert needle in last, f"{needle!r} not in {last!r}"
+    return last
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under `roots` (files or directories)."""
+    digests = {}
+    for root in roots:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
