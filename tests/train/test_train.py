@@ -106,3 +106,29 @@ def test_resume_after_sigkill_is_bit_identical(tiny_model_dir, qa_rows, tmp_path
     assert ours.keys() == theirs.keys()
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_adamw8bit_trains(tiny_model_dir, qa_rows, tmp_path):
+    """bitsandbytes' 8-bit AdamW: the loss falls and its state survives a checkpoint round trip."""
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    result = train(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=20, optimizer="adamw8bit", save_every=10), progress=False)
+    assert result.final_loss < 0.7 * result.first_loss
+    resumed = train(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=22, optimizer="adamw8bit", resume=True), progress=False)
+    assert resumed.resumed_from.endswith("step-20")
+
+
+def test_metadata_tag_and_merged_spec(tiny_model_dir, qa_rows, tmp_path):
+    from qlorakit import metadata
+
+    data = write_jsonl(tmp_path / "fact.jsonl", qa_rows)
+    train(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=1), progress=False)
+    spec = metadata.read_spec(tmp_path / "run")
+    assert set(spec) == {"method", "weight_bits", "activation_bits", "kv_cache_bits", "group_size", "symmetric", "backend", "tag", "extras"}
+    assert spec["activation_bits"] is None and spec["kv_cache_bits"] is None and spec["backend"] == "bitsandbytes"
+    assert spec["tag"] == f"{tiny_model_dir.name}-fact_SFT_LoRa8_QLORA_w4_headfp32"
+    for key in ("quant_type", "double_quant", "compute_dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                "qalora_group_size", "merge_base", "lm_head_dtype", "source_model"):
+        assert key in spec["extras"], key
+    merged = metadata.merged_spec(spec, "bf16", "dequantized", "bf16")
+    assert merged["weight_bits"] == 16 and merged["tag"].endswith("_QLORA_w16_headbf16")
+    assert merged["extras"]["merge_base"] == "dequantized"

@@ -141,13 +141,13 @@ def _quantize_cached(model: nn.Module, fmt, source: ModelSource, dtype: torch.dt
             cached = None  # a damaged cache entry is rebuilt below
     quantize_model(model, fmt, dtype, quantize_lm_head, progress, cached=cached)
     if path is not None and cached is None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
             save_file(quantized_tensors(model), str(tmp))
             os.replace(tmp, path)
-        except OSError:
-            pass  # an unwritable cache only costs time
+        except Exception:  # an unwritable cache only costs time; the model is already quantized
+            tmp.unlink(missing_ok=True)
 
 
 def _check_safetensors(source: ModelSource) -> None:

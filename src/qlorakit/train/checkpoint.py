@@ -27,26 +27,36 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (by dotted key) and a JSON-able remainder."""
+    """Split an optimizer state_dict into tensors (safetensors) and a JSON skeleton where each
+    tensor is replaced by {"__tensor__": key}. Works for any nesting (torch AdamW, bitsandbytes'
+    8-bit AdamW with its quantization maps)."""
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for index, slots in state_dict["state"].items():
-        for slot, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{slot}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[slot] = value
-    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+
+    def walk(value, path: str):
+        if torch.is_tensor(value):
+            tensors[path] = value.detach().cpu().contiguous().clone()
+            return {"__tensor__": path}
+        if isinstance(value, dict):
+            return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(value.items())]}
+        if isinstance(value, (list, tuple)):
+            return {"__list__": [walk(v, f"{path}.{i}") for i, v in enumerate(value)], "tuple": isinstance(value, tuple)}
+        return value
+
+    return tensors, walk(state_dict, "s")
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, slot = key.split(".", 1)
-        state.setdefault(int(index), {})[slot] = value
-    for index, slots in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(slots)
-    return {"state": state, "param_groups": rest["param_groups"]}
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], skeleton) -> dict:
+    def build(value):
+        if isinstance(value, dict) and "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if isinstance(value, dict) and "__dict__" in value:
+            return {build(k): build(v) for k, v in value["__dict__"]}
+        if isinstance(value, dict) and "__list__" in value:
+            items = [build(v) for v in value["__list__"]]
+            return tuple(items) if value.get("tuple") else items
+        return value
+
+    return build(skeleton)
 
 
 def save_checkpoint(run_dir: Path, step: int, adapter_state: dict, optimizer, data_position: dict) -> Path:

@@ -16,7 +16,10 @@ class MetricsLog:
         self.path = path
         self.writer = None
         if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("train.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
 
             self.writer = SummaryWriter(str(tensorboard_dir))
 

@@ -1,0 +1,59 @@
+"""`chat` through run_chat with an argparse.Namespace: one-shot, interactive, --json, --adapter."""
+
+import argparse
+import io
+import json
+
+import pytest
+
+from qlorakit.eval.commands import run_chat
+from qlorakit.eval.runner import generate_reply
+
+
+def _args(model, **values):
+    return argparse.Namespace(**{**dict(model=str(model), adapter=None, prompt=None, max_new_tokens=5, json=False), **values})
+
+
+@pytest.fixture(scope="module")
+def run_replies(run_dir):
+    """Greedy replies of the run (base + adapter) and of its base alone, computed directly."""
+    from qlorakit.adapters.multi import AdapterSet
+    from qlorakit.models.restore import load_run
+
+    loaded, _ = load_run(run_dir, progress=False)
+    with_adapter = generate_reply(loaded.model, loaded.tokenizer, [{"role": "user", "content": "Hello there"}], 5)
+    with AdapterSet(loaded.model).disabled():
+        base = generate_reply(loaded.model, loaded.tokenizer, [{"role": "user", "content": "Hello there"}], 5)
+    return with_adapter, base
+
+
+def test_one_shot_streams_the_reply(run_dir, run_replies, capsys):
+    assert run_chat(_args(run_dir, prompt="Hello there")) == 0
+    assert capsys.readouterr().out.strip() == run_replies[0]
+
+
+def test_json_and_adapter_none(run_dir, run_replies, capsys):
+    assert run_chat(_args(run_dir, prompt="Hello there", adapter="none", json=True)) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"model": str(run_dir), "adapter": None, "turns": [{"user": "Hello there", "assistant": run_replies[1]}]}
+
+
+def test_adapter_directory_on_a_plain_model(tiny_model_dir, run_dir, run_replies, capsys):
+    """The run's adapter given with --adapter on the 16-bit base; its nf4 run differs, so only check it is used."""
+    assert run_chat(_args(tiny_model_dir, prompt="Hello there", adapter=str(run_dir), json=True)) == 0
+    assert json.loads(capsys.readouterr().out)["adapter"] == run_dir.name
+
+
+def test_interactive_reads_lines_until_exit(run_dir, run_replies, capsys):
+    stdin = io.StringIO("Hello there\n\nSecond question\n/exit\nnever read\n")
+    assert run_chat(_args(run_dir, json=True), stdin=stdin) == 0
+    turns = json.loads(capsys.readouterr().out)["turns"]
+    assert [t["user"] for t in turns] == ["Hello there", "Second question"]
+    assert turns[0]["assistant"] == run_replies[0]
+
+
+def test_unknown_adapter_is_one_clear_error(tiny_model_dir):
+    from qlorakit.adapters.peft_format import AdapterError
+
+    with pytest.raises(AdapterError, match="--adapter nowhere: neither a peft adapter directory nor a loaded adapter"):
+        run_chat(_args(tiny_model_dir, prompt="hi", adapter="nowhere"))

@@ -1,0 +1,112 @@
+"""`eval` over two models (plain tiny base, and a run-like directory: nf4 base + adapter)."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from qlorakit.eval.metrics import QA_FUNCTIONS
+from qlorakit.eval.runner import evaluate, format_results, generate_reply, load_eval_data
+from tests.eval.conftest import write_jsonl
+
+
+def _args(**values):
+    defaults = dict(compare=[], data=None, metrics="ppl,exact,contains,f1", max_new_tokens=6, max_length=64,
+                    lm_eval_tasks=None, out=None, no_progress=True, json=True)
+    return argparse.Namespace(**{**defaults, **values})
+
+
+def test_qa_items_from_each_format(tmp_path, smollm2_tokenizer):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}]},
+        {"messages": [{"role": "user", "content": "no answer here"}]},
+    ])
+    data = load_eval_data(str(chat), smollm2_tokenizer)
+    assert len(data.items) == 1 and data.items[0][1] == "Paris" and len(data.items[0][0]) == 3
+    assert len(data.examples) == 1  # the row without an assistant turn has nothing to score
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "one two three"}])
+    data = load_eval_data(str(text), smollm2_tokenizer)
+    assert data.items == [] and len(data.examples) == 1
+
+
+def test_eval_two_models_in_order(tiny_model_dir, run_dir, qa_file, tmp_path, capsys):
+    from qlorakit.eval.commands import run_eval
+    from qlorakit.models.restore import load_any
+
+    out = tmp_path / "results.json"
+    assert run_eval(_args(model=str(tiny_model_dir), compare=[str(run_dir)], data=str(qa_file), out=str(out))) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert [r["model"] for r in printed["results"]] == [str(tiny_model_dir), str(run_dir)]
+    base, run = (r["metrics"] for r in printed["results"])
+    assert list(base) == ["ppl", "exact", "contains", "f1"]
+    assert base["ppl"] != pytest.approx(run["ppl"], rel=1e-3)  # the adapter (and nf4) change the model
+
+    # the base's numbers, recomputed by hand: exp(mean answer-token NLL) and metrics of greedy replies
+    loaded = load_any(str(tiny_model_dir), progress=False)
+    data = load_eval_data(str(qa_file), loaded.tokenizer, 64)
+    nll = n = 0
+    for example in data.examples:
+        labels = torch.tensor([example["labels"]])
+        with torch.no_grad():
+            loss = loaded.model(torch.tensor([example["input_ids"]]), labels=labels).loss
+        count = int((labels[0, 1:] != -100).sum())
+        nll, n = nll + float(loss) * count, n + count
+    assert base["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-3)
+    replies = [generate_reply(loaded.model, loaded.tokenizer, messages, 6) for messages, _ in data.items]
+    for metric in ("exact", "contains", "f1"):
+        expected = sum(QA_FUNCTIONS[metric](r, a) for r, (_, a) in zip(replies, data.items)) / len(replies)
+        assert base[metric] == pytest.approx(expected)
+    table = format_results(printed)
+    assert str(run_dir) in table.splitlines()[2] and "ppl" in table.splitlines()[0]
+
+
+def test_eval_errors(tiny_model_dir, tmp_path):
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "one two three"}])
+    with pytest.raises(ValueError, match="no question/answer rows for exact"):  # found before any model loads
+        evaluate([str(tmp_path / "no-such-model")], str(text), "ppl,exact", progress=False)
+    with pytest.raises(ValueError, match="unknown metric bleu"):
+        evaluate([str(tiny_model_dir)], str(text), "bleu", progress=False)
+    result = evaluate([str(tiny_model_dir)], str(text), "ppl", progress=False)
+    assert set(result["results"][0]["metrics"]) == {"ppl"} and result["results"][0]["metrics"]["ppl"] > 1
+
+
+def test_lm_eval_missing_is_one_line_with_the_install_command(monkeypatch):
+    import builtins
+
+    from qlorakit.eval.harness import run_lm_eval
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    with pytest.raises(RuntimeError, match=r"^--lm-eval-tasks needs lm-evaluation-harness: pip install lm-eval \(.*network"):
+        run_lm_eval("smollm2", "arc_easy")
+
+
+def test_parsers_match_the_cli_wiring(tmp_path):
+    """add_parsers plugs into a parser built like cli.py's (common parent giving --json/--debug)."""
+    from qlorakit.eval.commands import add_parsers, run_chat, run_eval
+
+    parser = argparse.ArgumentParser(prog="qlorakit")
+    parser.add_argument("--debug", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    add_parsers(sub, common)
+    args = parser.parse_args(["eval", "M", "--compare", "A", "B", "--data", "d.jsonl", "--metrics", "ppl", "--out", "o.json", "--json"])
+    assert (args.model, args.compare, args.data, args.metrics, args.out, args.json) == ("M", ["A", "B"], "d.jsonl", "ppl", "o.json", True)
+    assert args.max_new_tokens == 32 and args.lm_eval_tasks is None
+    args = parser.parse_args(["chat", "RUN", "--adapter", "none", "--prompt", "hi", "--max-new-tokens", "4"])
+    assert (args.model, args.adapter, args.prompt, args.max_new_tokens, args.json) == ("RUN", "none", "hi", 4, False)
+    with pytest.raises(ValueError, match="--data: give a data file"):
+        run_eval(_args(model="M"))
+    assert callable(run_chat)
