@@ -132,3 +132,13 @@ def test_metadata_tag_and_merged_spec(tiny_model_dir, qa_rows, tmp_path):
     merged = metadata.merged_spec(spec, "bf16", "dequantized", "bf16")
     assert merged["weight_bits"] == 16 and merged["tag"].endswith("_QLORA_w16_headbf16")
     assert merged["extras"]["merge_base"] == "dequantized"
+
+
+def test_merge_after_train_writes_merged(tiny_model_dir, qa_rows, tmp_path):
+    from qlorakit.config import apply_overrides
+
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    cfg = apply_overrides(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=2), ["merge.after_train=true", "merge.dtype=fp32"])
+    train(cfg, progress=False)
+    assert (tmp_path / "run" / "merged" / "merge_report.json").is_file()
+    assert (tmp_path / "run" / "merged" / "config.json").is_file()

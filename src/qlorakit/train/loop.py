@@ -275,10 +275,23 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         losses = [r["loss"] for r in records if r.get("loss") is not None]
         if losses:
             _log(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}  {sparkline(losses)}")
+        if cfg.merge.after_train:
+            _merge_after_training(cfg, model, tokenizer, source, spec, run_dir)
     world.barrier()
     shutdown(world)
     model.eval()
     return TrainResult(run_dir, steps, first_loss, last_loss, val_loss, time.perf_counter() - started, resumed_from, model, tokenizer)
+
+
+def _merge_after_training(cfg: Config, model, tokenizer, source, spec: dict, run_dir: Path) -> None:
+    """merge.after_train: the faithful merge of `qlorakit merge` into <run>/merged."""
+    from qlorakit.merge.run import format_merge, merge_loaded
+    from qlorakit.models.load import LoadedModel
+
+    m = cfg.merge
+    result = merge_loaded(LoadedModel(model, tokenizer, source), cfg, run_dir / "merged", dtype=m.dtype, into=m.into,
+                          keep_lm_head_fp16=m.keep_lm_head_fp16, spec=spec)
+    _log(format_merge(result))
 
 
 def _sum_float(value: float, world: World, device) -> float:
