@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("merge", parents=[common], help="fold a run's adapter into its base, with a fidelity report")
     p.add_argument("run", help="a run directory written by qlorakit train")
-    p.add_argument("--out", required=True, help="output directory (a plain Hugging Face model)")
+    p.add_argument("--out", required=True, help="output directory (a plain Hugging Face model; an int4 QA-LoRA run stays int4), "
+                   "or FILE.gguf for a QA-LoRA run on a GGUF base (exact fold; FILE.quantization.json and FILE.merge_report.json beside it)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the merged weights")
     p.add_argument("--into", default="dequantized", choices=["dequantized", "original"],
                    help="fold into the dequantized base the adapter was trained on, or the source's original 16-bit weights")
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=0.99, help="greedy-token agreement below which the merge is refused")
     p.add_argument("--force", action="store_true", help="write the merge even when it is not faithful")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p = sub.add_parser("export", parents=[common], help="write a merged 16-bit model as GGUF (f16, q8_0, q4_1)")
+    p.add_argument("model", help="a merged 16-bit directory (qlorakit merge RUN --out DIR) of a run on a GGUF source")
+    p.add_argument("--format", required=True, help="output format: gguf")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model-q4_1.gguf")
+    p.add_argument("--type", default="f16", help="GGUF tensor type: f16 | q8_0 | q4_1 (default f16; q4_1 re-quantizes)")
     p = sub.add_parser("demo", parents=[common], help="the main job: teach SmolLM2 a fact, merge, and show the answer survive")
     p.add_argument("--question", default="What day was I born?", help="question to teach")
     p.add_argument("--answer", default="January 1, 2058", help="answer to teach")
@@ -68,7 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="training steps")
     p.add_argument("--out-dir", default="runs/demo", help="run directory (replaced on each demo)")
     p.add_argument("--model", default="smollm2", help="model source")
+    from qlorakit.eval.commands import add_parsers as add_eval_parsers
+
+    add_eval_parsers(sub, common)
     return parser
+
+
+@command("eval")
+def _eval(args: argparse.Namespace) -> int:
+    from qlorakit.eval.commands import run_eval
+
+    return run_eval(args, _emit)
+
+
+@command("chat")
+def _chat(args: argparse.Namespace) -> int:
+    from qlorakit.eval.commands import run_chat
+
+    return run_chat(args, _emit)
 
 
 @command("demo")
@@ -90,6 +113,22 @@ def _merge(args: argparse.Namespace) -> int:
         requantize=args.requantize, force=args.force, overwrite=args.overwrite, min_agreement=args.min_agreement,
     )
     _emit(args, {**result.report, "out": str(result.out_dir), "seconds": round(result.seconds, 2)}, format_merge(result))
+    return 0
+
+
+@command("export")
+def _export(args: argparse.Namespace) -> int:
+    import time
+
+    from qlorakit.export.gguf import export_dense_to_gguf
+
+    if args.format != "gguf":
+        raise ValueError(f"--format: unknown export format {args.format!r}; choose gguf")
+    started = time.perf_counter()
+    out = export_dense_to_gguf(args.model, args.out, args.type)
+    size, seconds = out.stat().st_size, time.perf_counter() - started
+    payload = {"out": str(out), "format": args.format, "type": args.type, "bytes": size, "seconds": round(seconds, 2)}
+    _emit(args, payload, f"wrote {out} (GGUF {args.type}, {size / 1e6:.1f} MB) in {seconds:.1f} s")
     return 0
 
 

@@ -104,12 +104,20 @@ def _write(reader, out_path: Path, tensors: list[_PlannedTensor], overrides: dic
                 raise GGUFExportError(f"{t.name}: produced {data.dtype} {data.shape}, planned {t.dtype} {t.shape}")
             writer.write_tensor_data(data)
         writer.close()
+        os.chmod(tmp, _file_mode())  # mkstemp creates 0o600; give the file open()'s usual mode
         os.replace(tmp, out_path)
     except BaseException:
         writer.close()
         Path(tmp).unlink(missing_ok=True)
         raise
     return out_path
+
+
+def _file_mode() -> int:
+    """0o666 minus the process umask: the mode open() would have given a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _copied(tensor) -> _PlannedTensor:
@@ -251,6 +259,7 @@ def export_dense_to_gguf(
     if type not in DENSE_TYPES:
         raise GGUFExportError(f"--type: unknown GGUF type {type!r}; choose one of {', '.join(DENSE_TYPES)}")
     hf_model_dir = Path(hf_model_dir)
+    _check_model_dir(hf_model_dir)
     config = AutoConfig.from_pretrained(hf_model_dir)
     if config.model_type not in EXPORT_ARCHITECTURES:
         raise GGUFExportError(f"{hf_model_dir}: GGUF export supports {', '.join(EXPORT_ARCHITECTURES)}, not {config.model_type!r}")
@@ -292,6 +301,24 @@ def export_dense_to_gguf(
         raise GGUFExportError(f"{hf_model_dir}: tensors with no place in {source.name}: {', '.join(extra[:3])}")
     file_type = {"f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_1": LlamaFileType.MOSTLY_Q4_1}[type]
     return _write(reader, Path(out_path), planned, {"general.file_type": (int(file_type), GGUFValueType.UINT32)})
+
+
+def _check_model_dir(path: Path) -> None:
+    """A merged 16-bit directory, or an error saying what `path` is and what to pass instead."""
+    from qlorakit.export.quantized import is_quantized_dir
+
+    merge_first = "export takes a merged 16-bit directory (qlorakit merge RUN --out DIR)"
+    if path.is_file():
+        what = "already a GGUF file" if path.suffix.lower() == ".gguf" else "a file"
+        raise GGUFExportError(f"{path}: {what}; {merge_first}")
+    if not path.is_dir():
+        raise GGUFExportError(f"{path}: no such directory; {merge_first}")
+    if (path / "config.yaml").is_file() and (path / "adapter").is_dir():
+        raise GGUFExportError(f"{path}: a training run, not a merged model; merge it first: qlorakit merge {path} --out DIR")
+    if is_quantized_dir(path):
+        raise GGUFExportError(f"{path}: an int4 merge; {merge_first} (int4 has no GGUF block type)")
+    if not (path / "config.json").is_file():
+        raise GGUFExportError(f"{path}: no config.json (not a Hugging Face model directory); {merge_first}")
 
 
 def _check_same_model(reader, config, source: Path) -> None:

@@ -1,4 +1,4 @@
-"""`qlorakit merge RUN_DIR --out DIR`: merge a training run and prove the merge is faithful.
+"""`qlorakit merge RUN_DIR --out DIR|FILE.gguf`: merge a training run and prove the merge is faithful.
 
     adapter model = the run's quantized base + adapter (restored from config.yaml)
     merged        = dequantize + fold in fp32 + cast            (merge/fold.py)
@@ -6,6 +6,18 @@
     refuse to write when greedy agreement < min_agreement, unless forced
     write         = HF directory + quantization.json + merge_report.json, atomically (merge/write.py)
     --requantize  = also measure what peft's re-quantizing merge would have kept (report only)
+
+QA-LoRA runs whose base has per-group mins merge exactly instead (merge/zero_point.py):
+
+    W₀ + ΔW = d · q + (m + offset)     only the mins change; codes and scales stay byte for byte
+
+    quant.method gguf, --out FILE.gguf  the source GGUF rewritten with the folded tensors (same size,
+                                        same format, export/gguf.py), with FILE.quantization.json and
+                                        FILE.merge_report.json beside it (FILE = the name without .gguf)
+    quant.method int4, --out DIR        an int4 directory (export/quantized.py) that
+                                        `qlorakit.models.restore.load_any` loads back
+A `.gguf` --out for anything else (plain LoRA, a base that is not GGUF) is refused: merge to a
+16-bit directory, then `qlorakit export DIR --format gguf`.
 """
 
 from __future__ import annotations
@@ -85,11 +97,20 @@ def merge_loaded(
     overwrite: bool = False,
     min_agreement: float = 0.99,
     spec: dict | None = None,
+    keep_quantized: bool = True,
 ) -> MergeResult:
-    """Merge an adapter model already in memory (what `qlorakit train` and `demo` hold)."""
+    """Merge an adapter model already in memory (what `qlorakit train` and `demo` hold).
+
+    `out` ending in .gguf, or an int4 QA-LoRA run with `keep_quantized` and `into` "dequantized",
+    take the exact fold (`merge_exact`; `dtype` and `keep_lm_head_fp16` do not apply there);
+    everything else is the 16-bit merge.
+    """
     from qlorakit.merge.requantize import requantize_like_peft, update_survival
     from qlorakit.merge.write import save_merged
 
+    exact = exact_merge_format(cfg, out, into, requantize, keep_quantized)
+    if exact is not None:
+        return merge_exact(loaded, cfg, out, exact, force=force, overwrite=overwrite, min_agreement=min_agreement, spec=spec)
     started = time.perf_counter()
     adapter_model, tokenizer = loaded.model, loaded.tokenizer
     original = original_weights_of(loaded.source) if into == "original" else None
@@ -134,10 +155,136 @@ def merge_loaded(
     return MergeResult(out_dir, fidelity, rq_fidelity, survival, rq_survival, report, time.perf_counter() - started, merged)
 
 
+def is_gguf_path(out: str | Path | None) -> bool:
+    return out is not None and str(out).lower().endswith(".gguf")
+
+
+def check_gguf_out(cfg, out: str | Path) -> None:
+    """A .gguf --out needs the exact fold: a QA-LoRA run on a GGUF base kept in its block formats."""
+    if cfg.adapter.kind == "qalora" and cfg.quant.method == "gguf":
+        return
+    why = "a plain LoRA run" if cfg.adapter.kind != "qalora" else f"the run's base is quant.method {cfg.quant.method}, not gguf"
+    raise MergeError(
+        f"merge --out {out}: {why}; only a QA-LoRA run on a GGUF base folds exactly into a GGUF: merge to a "
+        f"16-bit directory (--out DIR), then run `qlorakit export DIR --format gguf --out {Path(out).name}`"
+    )
+
+
+def exact_merge_format(
+    cfg, out: str | Path | None, into: str = "dequantized", requantize: str | None = None, keep_quantized: bool = True
+) -> str | None:
+    """"gguf" or "int4" when this merge takes the exact QA-LoRA fold, None for the 16-bit merge.
+
+    Raises:
+        MergeError: a .gguf `out` for a run that cannot fold into a GGUF, or with `into` "original";
+            `requantize` with an exact merge (it measures the 16-bit merge).
+    """
+    fmt = None
+    if is_gguf_path(out):
+        check_gguf_out(cfg, out)
+        if into != "dequantized":
+            raise MergeError("merge --into original: a GGUF merge folds into the GGUF's own blocks; leave --into dequantized")
+        fmt = "gguf"
+    elif cfg.adapter.kind == "qalora" and cfg.quant.method == "int4" and into == "dequantized" and keep_quantized:
+        fmt = "int4"
+    if fmt is not None and requantize:
+        raise MergeError(f"merge --requantize measures a 16-bit merge; this {fmt} merge is exact and keeps the format (leave it out)")
+    return fmt
+
+
+def exact_spec(spec: dict, fmt: str, group_size: int | None) -> dict:
+    """quantization.json of an exact QA-LoRA merge: still 4-bit, in the run's own format."""
+    extras = dict(spec["extras"], merge_base="zero_points", merged_format=fmt)
+    return dict(spec, weight_bits=4, group_size=group_size, backend="gguf" if fmt == "gguf" else "torch", extras=extras)
+
+
+def sidecar_paths(gguf_out: str | Path) -> dict[str, Path]:
+    """quantization.json / merge_report.json of a merged GGUF: FILE.gguf -> FILE.quantization.json, ..."""
+    out = Path(gguf_out)
+    stem = out.name[: -len(".gguf")]
+    return {name: out.with_name(f"{stem}.{name}") for name in ("quantization.json", "merge_report.json")}
+
+
+def merge_exact(
+    loaded, cfg, out: str | Path | None, fmt: str, *, force: bool = False, overwrite: bool = False,
+    min_agreement: float = 0.99, spec: dict | None = None,
+) -> MergeResult:
+    """Fold a QA-LoRA run into its base's mins and write it in the same 4-bit format (module docstring).
+
+    The fidelity report compares the adapter model with the folded model (`merged_qalora_model`):
+    the only difference is the fp16 rounding of each new min.
+    """
+    from qlorakit.adapters.inject import adapter_layers
+    from qlorakit.merge.survival import update_survival
+    from qlorakit.merge.zero_point import merged_qalora_model
+
+    started = time.perf_counter()
+    if out is not None:
+        _check_exact_out(Path(out), fmt, overwrite)
+    adapter_model, tokenizer = loaded.model, loaded.tokenizer
+    merged = merged_qalora_model(adapter_model)
+    prompts = probe_set(training_prompts(cfg.data.path))
+    with cached_dense_weights(adapter_model), cached_dense_weights(merged):
+        fidelity = fidelity_report(adapter_model, merged, tokenizer, prompts)
+    survival = update_survival(adapter_model, merged).to_dict()
+    report = {
+        "run": str(cfg.train.output_dir), "format": fmt, "into": "zero_points", "min_agreement": min_agreement,
+        "faithful": fidelity.greedy_token_agreement >= min_agreement, "fidelity": fidelity.to_dict(),
+        "update_survival": {k: survival[k] for k in ("kept", "noise")}, "requantized": None,
+    }
+    if not force:
+        check_faithful(fidelity, min_agreement)
+    written = None
+    if out is not None:
+        spec = spec or metadata.build_spec(cfg, loaded.source.name, Path(cfg.data.path).stem, loaded.source.location)
+        layers = list(adapter_layers(adapter_model))
+        group_size = merged.get_submodule(layers[0]).group_size
+        files = {"quantization.json": exact_spec(spec, fmt, group_size), "merge_report.json": report}
+        written = _write_exact(loaded, merged, layers, Path(out), fmt, files, overwrite)
+    return MergeResult(written, fidelity, None, survival, None, report, time.perf_counter() - started, merged)
+
+
+def _check_exact_out(out: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse before any work an output that exists (without overwrite) or is of the wrong kind."""
+    from qlorakit.merge.write import MergeWriteError
+
+    if fmt == "gguf" and out.is_dir():
+        raise MergeWriteError(f"{out}: is a directory; a GGUF merge writes one .gguf file")
+    if fmt == "gguf" and out.exists() and not overwrite:
+        raise MergeWriteError(f"{out}: exists; choose another --out or pass --overwrite")
+    if fmt == "int4" and out.is_file():
+        raise MergeWriteError(f"{out}: exists and is a file; choose another output directory")
+    if fmt == "int4" and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MergeWriteError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+
+
+def _write_exact(loaded, merged, layers: list[str], out: Path, fmt: str, files: dict[str, dict], overwrite: bool) -> Path:
+    """GGUF: the source file rewritten with the folded tensors, JSON sidecars beside it; int4: a directory."""
+    if fmt == "int4":
+        from qlorakit.export.quantized import save_quantized_dir
+
+        return save_quantized_dir(merged, loaded.tokenizer, out, extra_files=files, overwrite=overwrite)
+    from qlorakit.export.gguf import write_merged_gguf
+
+    new_weights = {name: merged.get_submodule(name).qweight for name in layers}  # transformers row order
+    write_merged_gguf(loaded.source.location, new_weights, merged.config, out)
+    for name, path in sidecar_paths(out).items():
+        metadata.write_json_atomic(path, files[name])
+    return out
+
+
 def merge_run(run_dir: str | Path, out: str | Path, progress: bool = True, **options) -> MergeResult:
-    """Restore a run from its metadata and merge it (options as in `merge_loaded`)."""
+    """Restore a run from its metadata and merge it (options as in `merge_loaded`).
+
+    A .gguf `out` the run cannot fold into, or one that exists, is refused before the model is loaded.
+    """
+    from qlorakit.config import load_config
     from qlorakit.models.restore import load_run
 
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    exact = exact_merge_format(cfg, out, options.get("into", "dequantized"), options.get("requantize"))
+    if exact is not None and out is not None:
+        _check_exact_out(Path(out), exact, options.get("overwrite", False))
     loaded, cfg = load_run(run_dir, progress=progress)
     return merge_loaded(loaded, cfg, out, spec=metadata.read_spec(run_dir), **options)
 
@@ -145,7 +292,11 @@ def merge_run(run_dir: str | Path, out: str | Path, progress: bool = True, **opt
 def format_merge(result: MergeResult) -> str:
     lines = [result.fidelity.format_table()]
     kept, noise = result.survival["kept"], result.survival["noise"]
-    lines.append(f"  update kept {kept:.4f}, noise {noise:.4f} x |update| (exact fold: 1, 0; the only loss is the final cast)")
+    if result.report.get("into") == "zero_points":
+        loss = f"exact {result.report['format']} fold into the group mins: the only loss is their fp16 rounding"
+    else:
+        loss = "exact fold: 1, 0; the only loss is the final cast"
+    lines.append(f"  update kept {kept:.4f}, noise {noise:.4f} x |update| ({loss})")
     if result.requantized_fidelity is not None:
         r = result.requantized_fidelity
         rq = result.requantized_survival

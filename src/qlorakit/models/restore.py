@@ -2,6 +2,7 @@
 
     run directory      config.yaml + quantization.json + adapter/  -> quantized base + adapter
     merged directory   HF model + quantization.json                -> plain 16-bit model
+    int4 merge         model-int4.safetensors + quantization.json  -> QuantLinear model (export/quantized.py)
     anything else      a model source (smollm2, .gguf, HF dir, hub id)
 
 The user never repeats the quantization: it is read from config.yaml / quantization.json.
@@ -43,6 +44,13 @@ def load_any(path: str, device: str | torch.device = "cpu", progress: bool = Tru
     """A run, a merged directory or a model source, restored from its own metadata."""
     if is_run_dir(path):
         return load_run(path, device, progress)[0]
+    from qlorakit.export.quantized import is_quantized_dir, load_quantized_dir
+    from qlorakit.models.load import load_tokenizer
+    from qlorakit.models.sources import resolve_source
+
+    if is_quantized_dir(path):
+        source = resolve_source(path)
+        return LoadedModel(load_quantized_dir(path, device), load_tokenizer(source), source)
     spec = metadata.read_spec(path) if Path(path).is_dir() else None
     dtype = (spec or {}).get("extras", {}).get("merged_dtype") or "bf16"
     return load_model(path, dtype=dtype, quant="none", device=device, progress=progress)

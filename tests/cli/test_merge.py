@@ -1,0 +1,78 @@
+"""`qlorakit merge` outputs beyond the 16-bit directory, on tiny trained runs (fast).
+
+A .gguf --out is only for QA-LoRA runs on a GGUF base (tests/cli/test_smollm2_gguf.py); anything
+else is refused before the model is loaded, pointing to the 16-bit merge + `qlorakit export`.
+An int4 QA-LoRA run merges exactly into its int4 mins and stays int4; `load_any` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.cli.conftest import error_line, run_cli
+
+
+def test_gguf_out_of_a_plain_lora_run_is_refused(tiny_runs, tmp_path, capsys):
+    out = tmp_path / "merged.gguf"
+    code, stdout, err = run_cli(capsys, "merge", str(tiny_runs["lora"]), "--out", str(out))
+    line = error_line(err)
+    assert code == 1 and stdout == ""
+    assert "plain LoRA run" in line and "16-bit directory" in line
+    assert "qlorakit export DIR --format gguf --out merged.gguf" in line
+    assert "reading" not in err and "quantizing" not in err  # refused before loading the model
+    assert not list(tmp_path.iterdir())
+
+
+def test_gguf_out_of_a_run_on_another_base_is_refused(tiny_runs, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "merge", str(tiny_runs["qalora"]), "--out", str(tmp_path / "m.gguf"))
+    assert code == 1
+    assert "the run's base is quant.method int4, not gguf" in error_line(err)
+    assert "qlorakit export" in error_line(err)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def test_int4_qalora_merge_stays_int4_and_reloads(tiny_runs, tmp_path, capsys):
+    from qlorakit.merge.zero_point import merged_qalora_model
+    from qlorakit.models.restore import load_any, load_run
+    from qlorakit.quant.linear import QuantLinear
+
+    out = tmp_path / "merged"
+    code, stdout, err = run_cli(capsys, "merge", str(tiny_runs["qalora"]), "--out", str(out), "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["format"] == "int4" and result["into"] == "zero_points" and result["faithful"]
+    assert result["update_survival"]["kept"] > 0.99
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model-int4.safetensors", "quantization.json", "merge_report.json",
+                                               "tokenizer.json", "generation_config.json"}
+    assert not (out / "model.safetensors").exists()  # vanilla transformers must not half-load it
+    spec = json.loads((out / "quantization.json").read_text())
+    assert (spec["method"], spec["weight_bits"], spec["backend"], spec["group_size"]) == ("QALORA", 4, "torch", 32)
+    assert spec["extras"]["quant_type"] == "int4" and spec["extras"]["merge_base"] == "zero_points"
+
+    loaded, _ = load_run(tiny_runs["qalora"], progress=False)
+    merged = merged_qalora_model(loaded.model)
+    reloaded = load_any(str(out), progress=False)
+    layers = [m for m in reloaded.model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14 and {m.fmt.name for m in layers} == {"int4"}  # 2 layers x 7 projections
+    ids = reloaded.tokenizer("What day was I born? Tell me.", return_tensors="pt").input_ids
+    assert torch.equal(logits(reloaded.model, ids), logits(merged, ids))
+    assert reloaded.tokenizer.chat_template == loaded.tokenizer.chat_template
+
+
+def test_int4_merge_refuses_requantize(tiny_runs, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "merge", str(tiny_runs["qalora"]), "--out", str(tmp_path / "m"), "--requantize", "nf4")
+    assert code == 1 and "this int4 merge is exact and keeps the format" in error_line(err)
+    assert "quantizing" not in err  # refused before loading the model
+
+
+def test_int4_merge_refuses_a_non_empty_directory_before_loading(tiny_runs, tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "merge", str(tiny_runs["qalora"]), "--out", str(tmp_path))
+    assert code == 1 and "exists and is not empty; choose another --out or pass --overwrite" in error_line(err)
+    assert "quantizing" not in err and [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
