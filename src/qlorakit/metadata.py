@@ -58,7 +58,7 @@ def build_spec(cfg, model_name: str, dataset_name: str, source_location: str, lm
             "lora_dropout": adapter.dropout,
             "lora_targets": targets,
             "use_rslora": adapter.use_rslora,
-            "qalora_group_size": adapter.group_size if adapter.kind == "qalora" else None,
+            "qalora_group_size": cfg.adapter_group_size if adapter.kind == "qalora" else None,
             "merge_base": None,
             "lm_head_dtype": head,
             "quantize_lm_head": quant.quantize_lm_head,

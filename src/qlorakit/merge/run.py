@@ -244,7 +244,7 @@ def merge_exact(
     return MergeResult(written, fidelity, None, survival, None, report, time.perf_counter() - started, merged)
 
 
-def _check_exact_out(out: Path, fmt: str, overwrite: bool) -> None:
+def _check_exact_out(out: Path, fmt: str | None, overwrite: bool) -> None:
     """Refuse before any work an output that exists (without overwrite) or is of the wrong kind."""
     from qlorakit.merge.write import MergeWriteError
 
@@ -252,9 +252,12 @@ def _check_exact_out(out: Path, fmt: str, overwrite: bool) -> None:
         raise MergeWriteError(f"{out}: is a directory; a GGUF merge writes one .gguf file")
     if fmt == "gguf" and out.exists() and not overwrite:
         raise MergeWriteError(f"{out}: exists; choose another --out or pass --overwrite")
-    if fmt == "int4" and out.is_file():
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise MergeWriteError(f"{out}: cannot be created: {parent} is a file; choose another --out")
+    if fmt != "gguf" and out.is_file():
         raise MergeWriteError(f"{out}: exists and is a file; choose another output directory")
-    if fmt == "int4" and out.is_dir() and any(out.iterdir()) and not overwrite:
+    if fmt != "gguf" and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MergeWriteError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
 
 
@@ -283,7 +286,7 @@ def merge_run(run_dir: str | Path, out: str | Path, progress: bool = True, **opt
 
     cfg = load_config(Path(run_dir) / "config.yaml")
     exact = exact_merge_format(cfg, out, options.get("into", "dequantized"), options.get("requantize"))
-    if exact is not None and out is not None:
+    if out is not None:  # every output is checked before the model is loaded
         _check_exact_out(Path(out), exact, options.get("overwrite", False))
     loaded, cfg = load_run(run_dir, progress=progress)
     return merge_loaded(loaded, cfg, out, spec=metadata.read_spec(run_dir), **options)
