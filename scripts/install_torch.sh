@@ -16,8 +16,11 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "$venv_python" -m pip install "torch>=2.4"
   exit 0
 fi
-if "$venv_python" -m pip install --only-binary=:all: --no-index "torch==${torch_version}" >/dev/null 2>&1; then
-  echo "torch ${torch_version} (CPU) installed from the local wheel directory"
+# A local wheel (pip's find-links) is taken without asking any index; its dependencies
+# (filelock, sympy, ...) then come from the usual index.
+if "$venv_python" -m pip install --quiet --no-deps --no-index --only-binary=:all: "torch==${torch_version}" >/dev/null 2>&1; then
+  "$venv_python" -m pip install --quiet "torch==${torch_version}"
+  echo "torch ${torch_version} installed from the local wheel directory"
   exit 0
 fi
 "$venv_python" -m pip install "torch==${torch_version}" \
