@@ -20,7 +20,7 @@ from qlorakit.dtypes import to_torch_dtype
 from qlorakit.models.load import build_skeleton, load_config
 from qlorakit.models.sources import resolve_source
 from qlorakit.quant.registry import format_for_config
-from qlorakit.quant.replace import linear_layer_names, output_head_names
+from qlorakit.quant.replace import linear_layer_names
 
 MIB = 1024 * 1024
 
