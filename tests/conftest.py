@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental download fails loudly
 
+import json
+
 import pytest
 import torch
 
@@ -52,3 +54,31 @@ def smollm2_path():
     from qlorakit.models.embedded import smollm2_gguf_path
 
     return smollm2_gguf_path()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def save_tiny_llama(path, tokenizer, **overrides):
+    """A tiny Llama directory with `tokenizer`'s vocabulary and chat template; fp32 safetensors."""
+    config = tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **overrides)
+    build_tiny(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from qlorakit.models.load import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """hidden 64, 2 layers, SmolLM2's 49,152-token vocabulary and chat template; initializer
+    range 0.2 so that logits are large enough for a frozen head to express a fit."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer, initializer_range=0.2)

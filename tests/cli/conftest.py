@@ -7,8 +7,6 @@ import json
 import pytest
 import yaml
 
-from tests.train.conftest import smollm2_tokenizer, tiny_model_dir  # noqa: F401 (fixtures)
-
 QUESTION, ANSWER = "What day was I born?", "January 1, 2058"
 
 
@@ -47,7 +45,7 @@ def error_line(err: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def tiny_runs(tiny_model_dir, tmp_path_factory):
     """Trained tiny runs: "lora" (nf4 + LoRA) and "qalora" (int4 + QA-LoRA, group 32), 10 steps each."""
     from qlorakit.cli import main
 

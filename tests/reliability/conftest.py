@@ -8,7 +8,6 @@ problem, no traceback, no output left behind, inputs unchanged.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -17,43 +16,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import build_tiny, tiny_llama_config
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    from qlorakit.models.load import load_tokenizer
-
-    return load_tokenizer("smollm2")
-
-
-def _save_tiny(path: Path, tokenizer, **overrides) -> Path:
-    config = tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **overrides)
-    build_tiny(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
-    """hidden 64, 2 layers, SmolLM2's tokenizer and chat template; fp32 safetensors."""
-    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer)
+from tests.conftest import save_tiny_llama, write_jsonl  # noqa: F401  (write_jsonl re-exported)
 
 
 @pytest.fixture(scope="session")
 def other_model_dir(tmp_path_factory, smollm2_tokenizer):
     """Same tokenizer, another shape (hidden 32, intermediate 96): a different base."""
-    return _save_tiny(tmp_path_factory.mktemp("tiny-llama-other"), smollm2_tokenizer,
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-other"), smollm2_tokenizer,
                       hidden_size=32, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1)
 
 
 QA_ROWS = [{"instruction": f"What colour is item {i}?", "input": "", "output": f"Item {i} is red."} for i in range(8)]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def write_config(path: Path, model, data, output_dir, **sections) -> Path:

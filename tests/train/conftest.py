@@ -1,34 +1,8 @@
-"""A tiny Llama-like HF model directory with SmolLM2's real tokenizer, and small datasets."""
-
-import json
+"""Small datasets and configs for the tiny model of tests/conftest.py."""
 
 import pytest
 
-from tests.conftest import build_tiny, tiny_llama_config
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    from qlorakit.models.load import load_tokenizer
-
-    return load_tokenizer("smollm2")
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
-    """hidden 64, 2 layers, SmolLM2's 49,152-token vocabulary and chat template; fp32 weights."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    config = tiny_llama_config(vocab_size=len(smollm2_tokenizer), pad_token_id=smollm2_tokenizer.pad_token_id,
-                               eos_token_id=smollm2_tokenizer.eos_token_id, bos_token_id=smollm2_tokenizer.bos_token_id,
-                               initializer_range=0.2)  # logits large enough for a frozen head to express a fit
-    build_tiny(config).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.conftest import write_jsonl  # noqa: F401  (re-exported for the tests here)
 
 
 @pytest.fixture
