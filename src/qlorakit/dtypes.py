@@ -14,13 +14,6 @@ def to_torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"no short name for {dtype}")
-
-
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matmul instructions (AVX512-BF16 or AMX); without them torch
     emulates bf16 matmuls, about 3x slower than fp32 (measured on this project's CI machine)."""
