@@ -36,7 +36,7 @@ def test_override_wins_and_unknown_override_is_refused():
 
 
 def test_undetectable_and_mixed_rows_are_errors():
-    with pytest.raises(DataError, match=r"^data/train.jsonl:1: cannot tell the data format from the keys \(a, b\)"):
+    with pytest.raises(DataError, match=r"^data/train.jsonl:1: cannot tell the data format from the keys \('a', 'b'\)"):
         resolve_format(table({"a": 1, "b": 2}))
     with pytest.raises(DataError, match=r"^data/train.jsonl:2: row looks like text but data/train.jsonl:1 looks like alpaca"):
         resolve_format(table({"instruction": "i", "output": "o"}, {"text": "t"}))

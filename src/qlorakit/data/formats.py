@@ -51,7 +51,7 @@ def resolve_format(table: Table, format: str = "auto") -> str:
         if fmt is not None:  # an incomplete row is left to validation, which names its missing field
             found.setdefault(fmt, i)
     if not found:
-        keys = ", ".join(sorted(map(str, table.rows[0]))) or "none"
+        keys = ", ".join(repr(str(key)) for key in sorted(map(str, table.rows[0]))) or "none"
         raise DataError(
             f"{table.where(0)}: cannot tell the data format from the keys ({keys}); expected "
             "instruction+output, messages, conversations, prompt+completion, question+answer or text, "

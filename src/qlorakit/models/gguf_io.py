@@ -158,14 +158,30 @@ def qk_heads(hf_name: str, config) -> int | None:
     return None
 
 
-def dense_tensor(reader_tensor) -> Tensor:
-    """A GGUF tensor dequantized to an fp32 torch tensor in transformers' (out, in) shape."""
+def dense_tensor(path: Path, reader_tensor) -> Tensor:
+    """A GGUF tensor of the file at `path` dequantized to an fp32 torch tensor in transformers'
+    (out, in) shape; a type gguf-py cannot dequantize or a size that does not fit the shape raises
+    GGUFError naming the file and the tensor."""
     from gguf import dequantize
 
-    array = dequantize(reader_tensor.data, reader_tensor.tensor_type)
     shape = tuple(int(n) for n in reversed(reader_tensor.shape.tolist()))  # gguf lists ne0 (in) first
-    return torch.from_numpy(array.reshape(shape).copy()).float()
+    try:
+        array = dequantize(reader_tensor.data, reader_tensor.tensor_type)
+        return torch.from_numpy(array.reshape(shape).copy()).float()
+    except (NotImplementedError, ValueError) as error:
+        raise GGUFError(f"{path}: tensor {reader_tensor.name} ({reader_tensor.tensor_type.name}, shape {list(shape)}): {error}") from None
 
+
+def block_weight(path: Path, reader_tensor):
+    """A block-format GGUF tensor wrapped as a QuantizedWeight over its own bytes; a tensor whose
+    shape or byte count does not fit its format raises GGUFError naming the file and the tensor."""
+    from qlorakit.quant.base import QuantizationError
+    from qlorakit.quant.gguf_types import quantized_weight_from_gguf
+
+    try:
+        return quantized_weight_from_gguf(reader_tensor)
+    except QuantizationError as error:
+        raise GGUFError(f"{path}: {error}") from None
 
 
 class IndexedTensor:

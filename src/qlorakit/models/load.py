@@ -199,7 +199,7 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
     q5_0, q5_1, q8_0) become QuantLinear layers over the file's own bytes (rows of attn_q/attn_k
     moved into transformers' order); everything else is dequantized to `dtype`.
     """
-    from qlorakit.quant.gguf_types import GGML_TYPE_TO_FORMAT, quantized_weight_from_gguf
+    from qlorakit.quant.gguf_types import GGML_TYPE_TO_FORMAT
     from qlorakit.quant.linear import QuantLinear
     from qlorakit.quant.registry import format_class
     from qlorakit.quant.replace import set_submodule
@@ -220,12 +220,12 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
         heads = gguf_io.qk_heads(hf_name, config)
         module_name = hf_name.removesuffix(".weight")
         if keep_blocks and module_name in linear_names and tensor.tensor_type.name in GGML_TYPE_TO_FORMAT:
-            qweight = quantized_weight_from_gguf(tensor)
+            qweight = gguf_io.block_weight(source.location, tensor)
             if heads is not None:
                 qweight.tensors["blocks"] = gguf_io.unpermute_qk_rows(qweight.tensors["blocks"], heads).contiguous()
             kept[module_name] = qweight
             continue
-        weight = gguf_io.dense_tensor(tensor)
+        weight = gguf_io.dense_tensor(source.location, tensor)
         if heads is not None:
             weight = gguf_io.unpermute_qk_rows(weight, heads)
         state[hf_name] = weight.to(dtype)
