@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from qlorakit.adapters.update import adapter_update
 from qlorakit.quant.linear import linear_shape
 
 
@@ -58,14 +59,15 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def adapter_input(self, x: Tensor) -> Tensor:
-        """What lora_A sees: the (dropped-out) layer input, (..., in_features)."""
-        return self.lora_dropout(x)
+    @property
+    def pooling_group_size(self) -> int | None:
+        """QA-LoRA's pooling group G; None for LoRA (lora_A reads x itself)."""
+        return None
 
     def update(self, x: Tensor) -> Tensor:
-        """s · B A x in fp32, (..., out_features)."""
-        x = self.adapter_input(x.to(self.lora_A.weight.dtype))
-        return self.lora_B(self.lora_A(x)) * self.scaling
+        """s · B A dropout(x) in fp32, (..., out_features), saving only x, the mask and A x."""
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return adapter_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling, p, self.training, self.pooling_group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)  # (..., out)

@@ -40,10 +40,9 @@ class QALoraLinear(LoraLinear):
     def adapter_in_features(self) -> int:
         return self.n_groups
 
-    def adapter_input(self, x: Tensor) -> Tensor:
-        x = self.lora_dropout(x)
-        grouped = x.reshape(*x.shape[:-1], self.n_groups, self.group_size)  # (..., in/G, G)
-        return grouped.mean(dim=-1) * self.n_groups  # (..., in/G)
+    @property
+    def pooling_group_size(self) -> int:
+        return self.group_size
 
     def group_delta(self) -> Tensor:
         """Per-group update ΔW_g = s · (in/G) / G · B A, shape (out_features, in_features / G), fp32."""

@@ -1,0 +1,216 @@
+"""`make bench`: qlorakit against the Hugging Face stack, on this machine, in one run.
+
+    python bench/run.py [--rounds 2] [--steps 3] [--out bench/results/latest.json]
+
+Every configuration runs in its own process (bench/train_worker.py, bench/tasks.py), the training
+configurations interleaved round by round so that a change in machine load hits all of them.
+Reported (medians over rounds; peak RSS is the largest):
+  tokens_per_s / peak_rss_mib     qlorakit (fp32 compute where the CPU lacks native bf16, see
+                                  qlorakit.dtypes.preferred_dtype), hf_reference (transformers + peft +
+                                  bitsandbytes NF4, compute bf16, as issue #7 specifies), hf_reference_gc
+                                  (the same with gradient checkpointing), hf_reference_fp32, qlorakit_bf16
+  mfu                             achieved FLOPs / the best matmul peak measured in this run (bench/peak.py)
+  varlen_tokens_per_s             real (non-padding) tokens/s on instruction-like lengths, packed
+  demo_seconds                    `make demo`, end to end
+  load_seconds                    import to NF4 + LoRA ready to train (warm cache; cold in load_seconds_cold)
+  merge_seconds                   `qlorakit merge` of the demo run (with its fidelity report)
+  gguf_merge_seconds              QA-LoRA merge of a GGUF run written as .gguf (with its fidelity report)
+  generate_tokens_per_s           greedy generation, NF4 base + adapter, dense weights cached
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PY = sys.executable
+QLORAKIT = [PY, "-m", "qlorakit"]
+
+
+def _flops_per_token(seq_len: int = 256, r: int = 16) -> float:
+    """Matmul FLOPs per trained token of SmolLM2-135M (frozen base, LoRA r on all 7 projections):
+    forward 2·P + backward input-gradient 2·P over the linear layers and the head, causal attention
+    (QKᵀ and AV over seq_len/2 positions on average, backward 2x forward), and the adapters
+    (forward 2·r·(in+out), backward twice that)."""
+    d, layers, heads, kv_heads, head_dim, inter, vocab = 576, 30, 9, 3, 64, 1536, 49152
+    shapes = [(d, heads * head_dim), (d, kv_heads * head_dim), (d, kv_heads * head_dim), (heads * head_dim, d),
+              (d, inter), (d, inter), (inter, d)]  # (in, out) of q k v o gate up down
+    linear = layers * sum(i * o for i, o in shapes) + vocab * d
+    attention = layers * 2 * 2 * (seq_len / 2) * heads * head_dim  # QKᵀ + AV, forward
+    adapters = layers * sum(2 * r * (i + o) for i, o in shapes)
+    return 4 * linear + 3 * attention + 3 * adapters
+
+
+def _run_json(argv: list[str], label: str, timeout: float = 900) -> dict:
+    """Run one process; its last stdout line is a JSON object. Failures are recorded, not raised."""
+    start = time.perf_counter()
+    print(f"[bench] {label} ...", file=sys.stderr, flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        print(f"[bench] {label} FAILED ({proc.returncode}): {tail}", file=sys.stderr, flush=True)
+        return {"error": tail, "wall_seconds": wall}
+    result = json.loads(lines[-1])
+    result["wall_seconds"] = round(wall, 2)
+    print(f"[bench] {label}: {json.dumps({k: v for k, v in result.items() if k != 'step_seconds'})}", file=sys.stderr, flush=True)
+    return result
+
+
+def _worker(name: str, *flags: str, steps: int) -> tuple[str, list[str]]:
+    return name, [PY, str(BENCH / "train_worker.py"), "--steps", str(steps), *flags]
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if key in r]
+    return round(statistics.median(values), 2) if values else None
+
+
+def _max(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if key in r]
+    return round(max(values), 1) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the main training configurations")
+    parser.add_argument("--steps", type=int, default=3, help="measured training steps per process (after one warm-up step)")
+    parser.add_argument("--out", default=str(BENCH / "results" / "latest.json"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="qlk-bench-"))
+    from qlorakit.dtypes import preferred_dtype
+
+    fast = preferred_dtype()
+    subprocess.run([PY, str(BENCH / "data.py"), "prepare"], cwd=ROOT, check=True, capture_output=True)
+    peak = _run_json([PY, str(BENCH / "peak.py")], "matmul peak")
+
+    main_configs = [
+        _worker("qlorakit", "--impl", "qlorakit", "--dtype", fast, steps=args.steps),
+        _worker("hf_reference", "--impl", "hf", "--dtype", "bf16", steps=args.steps),
+        _worker("hf_reference_gc", "--impl", "hf", "--dtype", "bf16", "--gc", steps=args.steps),
+    ]
+    extra_configs = [
+        _worker("hf_reference_fp32", "--impl", "hf", "--dtype", "fp32", steps=args.steps),
+        _worker("qlorakit_bf16", "--impl", "qlorakit", "--dtype", "bf16", steps=args.steps),
+        _worker("qlorakit_gc", "--impl", "qlorakit", "--dtype", fast, "--gc", steps=args.steps),
+        _worker("varlen", "--impl", "qlorakit", "--dtype", fast, "--varlen", steps=args.steps),
+    ]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in main_configs + extra_configs}
+    for round_index in range(args.rounds):
+        for name, argv in main_configs:
+            runs[name].append(_run_json(argv, f"{name} (round {round_index + 1})"))
+    for name, argv in extra_configs:
+        runs[name].append(_run_json(argv, name))
+
+    demo = _timed_make_demo()
+    load_warm = _run_json([PY, str(BENCH / "tasks.py"), "load"], "load (warm cache)")
+    load_cold = _run_json([PY, str(BENCH / "tasks.py"), "load", "--cold"], "load (cold cache)")
+    merge = _run_json([*QLORAKIT, "merge", "runs/demo", "--out", str(work / "merged"), "--dtype", "fp32", "--json"], "merge")
+    gguf_train = _run_json([*QLORAKIT, "train", "configs/qalora-gguf.yaml", f"train.output_dir={work / 'qalora'}",
+                            "train.max_steps=2", "--no-progress", "--json"], "QA-LoRA GGUF training (2 steps, not timed)")
+    gguf_merge = _run_json([*QLORAKIT, "merge", str(work / "qalora"), "--out", str(work / "qalora.gguf"), "--json"], "QA-LoRA GGUF merge")
+    generate = _run_json([PY, str(BENCH / "tasks.py"), "generate", "runs/demo"], "generation")
+
+    flops = _flops_per_token()
+    best_peak = max(peak.get("bf16_gflops", 0), peak.get("fp32_gflops", 0)) * 1e9 or None
+    tokens = {name: _median(r, "tokens_per_s") for name, r in runs.items()}
+
+    def mfu(name: str, peak_flops: float | None) -> float | None:
+        return round(tokens[name] * flops / peak_flops, 4) if tokens.get(name) and peak_flops else None
+
+    result = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), **peak},
+        "model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF; NF4 double-quant base), LoRA r=16 alpha=32 dropout=0.05 on "
+                 "q,k,v,o,gate,up,down, batch 4 x 256, AdamW",
+        "qlorakit_dtype": fast,
+        "flops_per_token": flops,
+        "tokens_per_s": {"qlorakit": tokens["qlorakit"], "hf_reference": tokens["hf_reference"],
+                         "hf_reference_gc": tokens["hf_reference_gc"], "hf_reference_fp32": tokens["hf_reference_fp32"],
+                         "qlorakit_bf16": tokens["qlorakit_bf16"], "qlorakit_gc": tokens["qlorakit_gc"]},
+        "speedup_vs_hf_reference": _ratio(tokens["qlorakit"], tokens["hf_reference"]),
+        "speedup_vs_hf_reference_fp32": _ratio(tokens["qlorakit"], tokens["hf_reference_fp32"]),
+        "peak_rss_mib": {name: _max(runs[name], "peak_rss_mib") for name in
+                         ("qlorakit", "hf_reference", "hf_reference_gc", "hf_reference_fp32", "qlorakit_bf16", "qlorakit_gc")},
+        "mfu": {name: mfu(name, best_peak) for name in ("qlorakit", "hf_reference", "hf_reference_gc", "hf_reference_fp32")},
+        "mfu_vs_bf16_peak": {name: mfu(name, peak.get("bf16_gflops", 0) * 1e9) for name in ("qlorakit", "hf_reference")},
+        "varlen_tokens_per_s": tokens["varlen"],
+        "varlen_vs_fixed": _ratio(tokens["varlen"], tokens["qlorakit"]),
+        "demo_seconds": demo.get("seconds"),
+        "load_seconds": _round(load_warm.get("seconds")),
+        "load_seconds_cold": _round(load_cold.get("seconds")),
+        "merge_seconds": merge.get("wall_seconds") if "error" not in merge else None,
+        "merge_seconds_in_process": merge.get("seconds"),
+        "gguf_merge_seconds": gguf_merge.get("wall_seconds") if "error" not in gguf_merge else None,
+        "generate_tokens_per_s": _round(generate.get("tokens_per_s")),
+        "errors": {k: v["error"] for k, v in {"demo": demo, "load": load_warm, "merge": merge, "gguf_train": gguf_train,
+                                               "gguf_merge": gguf_merge, "generate": generate, "peak": peak}.items() if "error" in v}
+                  | {f"{name}[{i}]": r["error"] for name, rs in runs.items() for i, r in enumerate(rs) if "error" in r},
+        "runs": runs,
+        "bench_seconds": round(time.perf_counter() - started, 1),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(format_table(result))
+    print(f"\nwrote {out} in {result['bench_seconds']:.0f} s")
+
+
+def _timed_make_demo() -> dict:
+    start = time.perf_counter()
+    print("[bench] make demo ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(["make", "demo"], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = round(time.perf_counter() - start, 1)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["make demo failed"])[-1], "seconds": None}
+    print(f"[bench] make demo: {seconds} s", file=sys.stderr, flush=True)
+    return {"seconds": seconds}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return round(value, digits) if value is not None else None
+
+
+def format_table(r: dict) -> str:
+    """The README table: one row per figure."""
+    t, rss, mfu = r["tokens_per_s"], r["peak_rss_mib"], r["mfu"]
+    rows = [
+        ("training tokens/s, qlorakit " + r["qlorakit_dtype"], t["qlorakit"], f"peak RSS {rss['qlorakit']} MiB, MFU {mfu['qlorakit']}"),
+        ("training tokens/s, HF stack bf16 (reference)", t["hf_reference"], f"peak RSS {rss['hf_reference']} MiB, MFU {mfu['hf_reference']}"),
+        ("training tokens/s, HF stack bf16 + checkpointing", t["hf_reference_gc"], f"peak RSS {rss['hf_reference_gc']} MiB"),
+        ("training tokens/s, HF stack fp32", t["hf_reference_fp32"], f"peak RSS {rss['hf_reference_fp32']} MiB"),
+        ("training tokens/s, qlorakit bf16", t["qlorakit_bf16"], f"peak RSS {rss['qlorakit_bf16']} MiB"),
+        ("training tokens/s, qlorakit + checkpointing", t["qlorakit_gc"], f"peak RSS {rss['qlorakit_gc']} MiB"),
+        ("qlorakit / HF reference", r["speedup_vs_hf_reference"], f"vs HF fp32: {r['speedup_vs_hf_reference_fp32']}"),
+        ("variable-length real tokens/s (packed)", r["varlen_tokens_per_s"], f"{r['varlen_vs_fixed']} x fixed-length"),
+        ("make demo, seconds", r["demo_seconds"], ""),
+        ("embedded model ready to train, seconds", r["load_seconds"], f"cold cache: {r['load_seconds_cold']}"),
+        ("merge of SmolLM2 (with fidelity report), seconds", r["merge_seconds"], ""),
+        ("QA-LoRA GGUF merge + write, seconds", r["gguf_merge_seconds"], ""),
+        ("generation tokens/s", r["generate_tokens_per_s"], ""),
+    ]
+    lines = ["| figure | value | notes |", "|---|---:|---|"]
+    lines += [f"| {name} | {value} | {note} |" for name, value, note in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Timed single jobs, each in its own process; prints one JSON line.
+
+    python bench/tasks.py load [--cold]     seconds until the embedded SmolLM2 is NF4 + LoRA, ready to train
+    python bench/tasks.py generate RUN      greedy generation tokens/s of a trained run (adapter on, NF4 base)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load_seconds(cold: bool) -> dict:
+    """Import-to-ready time: load + NF4 + adapters. --cold starts from an empty qlorakit cache."""
+    if cold:
+        os.environ["QLORAKIT_CACHE"] = tempfile.mkdtemp(prefix="qlk-cold-cache-")
+    start = time.perf_counter()
+    from qlorakit.adapters.inject import add_adapters
+    from qlorakit.models.load import load_model
+
+    loaded = load_model("smollm2", dtype="fp32", quant="nf4", progress=False)
+    add_adapters(loaded.model, TARGETS, r=16, alpha=32, dropout=0.05)
+    return {"seconds": time.perf_counter() - start, "cold": cold}
+
+
+def generate_tokens_per_s(run_dir: str, new_tokens: int = 128) -> dict:
+    import torch
+
+    from qlorakit.models.restore import load_run
+    from qlorakit.quant.linear import cached_dense_weights
+
+    loaded, _ = load_run(run_dir, progress=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Write a long story about a river."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad(), cached_dense_weights(model):
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        seconds = time.perf_counter() - start
+    produced = out.shape[1] - inputs["input_ids"].shape[1]
+    return {"tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    job, rest = sys.argv[1], sys.argv[2:]
+    result = load_seconds("--cold" in rest) if job == "load" else generate_tokens_per_s(rest[0])
+    print(json.dumps(result))

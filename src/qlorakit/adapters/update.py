@@ -1,0 +1,108 @@
+"""The adapter branch of LoRA and QA-LoRA as one autograd function, saving little.
+
+    x̃ = (x with dropped elements zeroed) / (1 − p)      dropout; `drop` ~ Bernoulli(p), bool, (..., in)
+    u = pool(x̃)                          identity (LoRA) or QA-LoRA's group pooling (..., in/G)
+    h = u Aᵀ                             (..., r)
+    y = s · h Bᵀ                         (..., out)
+
+Plain autograd keeps, per adapter, the fp32 copy of x, the dropped-out x̃ (fp32), the pooled
+input and h. This function keeps x as it arrived (already alive for the rest of the network, so
+the adapters of q, k and v that read the same tensor cost nothing extra), the drop mask as bool
+(one byte per element) and h; the zeroed x is rebuilt in backward. The 1/(1 − p) factor is
+applied to the small (..., r) and (r, in) tensors, never to a (tokens, in) one:
+
+    g_h = s · g_y B                      (..., r)
+    g_B = s · g_yᵀ h                     (out, r)
+    g_A = g_hᵀ pool(x zeroed) / (1 − p)  (r, in or in/G)
+    g_x = poolᵀ(g_h A / (1 − p)) zeroed  (..., in), cast to x's dtype
+
+Gradients match plain autograd on the same mask up to float rounding (tests/adapters/test_update.py).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+
+def pool_groups(x: Tensor, group_size: int | None) -> Tensor:
+    """QA-LoRA pooling: (in/G) · mean over each group of G along the last dim; identity for None."""
+    if group_size is None:
+        return x
+    groups = x.shape[-1] // group_size
+    return x.reshape(*x.shape[:-1], groups, group_size).mean(dim=-1) * groups  # (..., in/G, G) -> (..., in/G)
+
+
+def unpool_groups(grad: Tensor, group_size: int | None) -> Tensor:
+    """Transpose of `pool_groups`: each group's gradient, times (in/G)/G, repeated G times."""
+    if group_size is None:
+        return grad
+    groups = grad.shape[-1]
+    return (grad * (groups / group_size)).repeat_interleave(group_size, dim=-1)  # (..., in/G) -> (..., in)
+
+
+def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None) -> Tensor:
+    """pool(x in fp32 with dropped elements zeroed), without the 1/(1 − p) factor."""
+    x = x.to(torch.float32)
+    if drop is not None:
+        x = x.masked_fill(drop, 0.0)  # (..., in)
+    return pool_groups(x, group_size)
+
+
+class _AdapterUpdate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, scaling, drop, keep, group_size):
+        u = _zeroed_input(x, drop, group_size)  # (..., in or in/G), fp32
+        h = u @ lora_A.t()  # (..., r)
+        if drop is not None:
+            h = h / keep
+        ctx.save_for_backward(x, drop, h, lora_A, lora_B)
+        ctx.scaling, ctx.keep, ctx.group_size = scaling, keep, group_size
+        return (h @ lora_B.t()) * scaling  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, drop, h, lora_A, lora_B = ctx.saved_tensors
+        s, keep = ctx.scaling, (ctx.keep if drop is not None else 1.0)
+        grad_y = grad_y.to(torch.float32)
+        grad_h = (grad_y @ lora_B) * s  # (..., r)
+        grad_B = grad_A = grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_B = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ h.reshape(-1, h.shape[-1])) * s  # (out, r)
+        if ctx.needs_input_grad[1]:
+            u = _zeroed_input(x, drop, ctx.group_size)  # rebuilt, (..., in or in/G)
+            grad_A = (grad_h.reshape(-1, grad_h.shape[-1]).t() @ u.reshape(-1, u.shape[-1])) / keep  # (r, in or in/G)
+        if ctx.needs_input_grad[0]:
+            grad_u = unpool_groups((grad_h / keep) @ lora_A, ctx.group_size)  # (..., in)
+            if drop is not None:
+                grad_u = grad_u.masked_fill_(drop, 0.0)
+            grad_x = grad_u.to(x.dtype)
+        return grad_x, grad_A, grad_B, None, None, None, None
+
+
+def adapter_update(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout: float = 0.0,
+                   training: bool = False, group_size: int | None = None) -> Tensor:
+    """s · B A pool(dropout(x)) in fp32, (..., out_features); see the module docstring."""
+    drop = shared_dropout_mask(x, dropout) if training and dropout > 0 else None
+    return _AdapterUpdate.apply(x, lora_A, lora_B, scaling, drop, 1.0 - dropout, group_size)
+
+
+_last_mask: tuple[weakref.ref, float, Tensor] | None = None
+
+
+def shared_dropout_mask(x: Tensor, p: float) -> Tensor:
+    """A bool drop mask (True with probability p) of x's shape, shared by every adapter that
+    reads the very same tensor `x` with the same p (q, k and v read one normed hidden state; gate
+    and up another): one random draw instead of three, the same regularisation per input. The
+    cache holds a weak reference, so it never keeps x alive; a recomputed forward (activation
+    checkpointing) sees a new tensor and draws again from the restored RNG state."""
+    global _last_mask
+    if _last_mask is not None:
+        ref, cached_p, mask = _last_mask
+        if ref() is x and cached_p == p:
+            return mask
+    mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(p)
+    _last_mask = (weakref.ref(x), p, mask)
+    return mask

@@ -1,0 +1,30 @@
+"""Give freed activation memory back to the operating system during training (glibc only).
+
+glibc's malloc serves allocations above a threshold with mmap and frees them with munmap, but
+it raises that threshold dynamically (up to 32 MiB) each time such a block is freed; after the
+first backward pass most activation tensors (1–10 MiB each) then come from the heap, whose
+freed space stays in the process. Fixing the threshold at 1 MiB keeps every tensor of that size
+on mmap, so the peak resident size tracks the live tensors: on SmolLM2 4 x 256, fp32, it lowered
+the whole-process peak from 3.1 GiB to 2.1 GiB (bench/train_worker.py; `MALLOC_MMAP_THRESHOLD_`
+has the same effect from the environment). Other C libraries are left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_MMAP_THRESHOLD = -3  # <malloc.h>
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_memory_to_os() -> bool:
+    """Set glibc's mmap threshold to 1 MiB (disabling its dynamic growth); True if it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # musl and others have no mallopt: nothing to tune
+        return False

@@ -1,0 +1,75 @@
+"""adapters/update.py: the fused adapter branch equals plain autograd on the same dropout mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlorakit.adapters.update import adapter_update, pool_groups, shared_dropout_mask
+
+
+def _reference(x, A, B, s, mask, keep, group_size):
+    """Plain autograd: dropout as an explicit mask, QA-LoRA pooling as peft 0.21.2 writes it."""
+    u = x.float()
+    if mask is not None:
+        u = u * mask / keep
+    if group_size is not None:
+        groups = u.shape[-1] // group_size
+        u = u.reshape(*u.shape[:-1], groups, group_size).mean(-1) * groups
+    return (u @ A.t() @ B.t()) * s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [None, 8])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_forward_and_gradients_match_autograd(dtype, group_size, dropout):
+    torch.manual_seed(0)
+    in_features, out_features, r = 32, 24, 4
+    x = torch.randn(2, 5, in_features, dtype=dtype, requires_grad=True)
+    a_cols = in_features // group_size if group_size else in_features
+    A = torch.randn(r, a_cols, requires_grad=True)
+    B = torch.randn(out_features, r, requires_grad=True)
+    grad_y = torch.randn(2, 5, out_features)
+
+    torch.manual_seed(1)
+    y = adapter_update(x, A, B, 0.5, dropout, training=True, group_size=group_size)
+    torch.manual_seed(1)  # the same draw gives the reference the same mask
+    drop = torch.empty(x.shape, dtype=torch.bool).bernoulli_(dropout) if dropout else None
+    mask = ~drop if dropout else None
+    (y * grad_y).sum().backward()
+    got = [t.grad.clone() for t in (x, A, B)]
+    for t in (x, A, B):
+        t.grad = None
+
+    expected = _reference(x, A, B, 0.5, mask, 1 - dropout, group_size)
+    (expected * grad_y).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, expected, **tol)
+    for g, (name, t) in zip(got, [("x", x), ("A", A), ("B", B)]):
+        torch.testing.assert_close(g, t.grad, **(tol if name != "x" or dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)), msg=name)
+    if dropout:
+        assert (got[0].float() == 0).any(), "dropped elements must get no gradient"
+
+
+def test_mask_is_shared_by_readers_of_the_same_tensor_only():
+    x, other = torch.randn(64, 16), torch.randn(64, 16)
+    first = shared_dropout_mask(x, 0.5)
+    assert shared_dropout_mask(x, 0.5) is first  # k and v after q
+    assert shared_dropout_mask(other, 0.5) is not first
+    assert shared_dropout_mask(x, 0.25) is not first  # another p draws again
+    assert 0.2 < float(shared_dropout_mask(torch.randn(200, 200), 0.25).float().mean()) < 0.3  # True = dropped
+
+
+def test_eval_and_zero_dropout_use_no_mask():
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    A, B = torch.randn(4, 16), torch.randn(8, 4)
+    expected = _reference(x, A, B, 2.0, None, 1.0, None)
+    torch.testing.assert_close(adapter_update(x, A, B, 2.0, 0.5, training=False), expected)
+    torch.testing.assert_close(adapter_update(x, A, B, 2.0, 0.0, training=True), expected)
+
+
+def test_pool_groups_is_peft_mean_times_groups():
+    x = torch.arange(8.0).reshape(1, 8)
+    torch.testing.assert_close(pool_groups(x, 4), torch.tensor([[1.5 * 2, 5.5 * 2]]))
+    assert pool_groups(x, None) is x
