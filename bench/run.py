@@ -5,7 +5,8 @@
 Every configuration runs in its own process (bench/train_worker.py, bench/tasks.py), the training
 configurations interleaved round by round so that a change in machine load hits all of them.
 Reported (medians over rounds; peak RSS is the largest):
-  tokens_per_s / peak_rss_mib     qlorakit (fp32 compute where the CPU lacks native bf16, see
+  tokens_per_s / peak_rss_mib     qlorakit, qlorakit_heap (glibc's own mmap threshold: faster, more RSS; see
+                                  qlorakit/train/allocator.py), qlorakit (fp32 compute where the CPU lacks native bf16, see
                                   qlorakit.dtypes.preferred_dtype), hf_reference (transformers + peft +
                                   bitsandbytes NF4, compute bf16, as issue #7 specifies), hf_reference_gc
                                   (the same with gradient checkpointing), hf_reference_fp32, qlorakit_bf16
@@ -52,11 +53,11 @@ def _flops_per_token(seq_len: int = 256, r: int = 16) -> float:
     return 4 * linear + 3 * attention + 3 * adapters
 
 
-def _run_json(argv: list[str], label: str, timeout: float = 900) -> dict:
+def _run_json(argv: list[str], label: str, timeout: float = 900, env: dict | None = None) -> dict:
     """Run one process; its last stdout line is a JSON object. Failures are recorded, not raised."""
     start = time.perf_counter()
     print(f"[bench] {label} ...", file=sys.stderr, flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - start
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -72,6 +73,9 @@ def _run_json(argv: list[str], label: str, timeout: float = 900) -> dict:
 
 def _worker(name: str, *flags: str, steps: int) -> tuple[str, list[str]]:
     return name, [PY, str(BENCH / "train_worker.py"), "--steps", str(steps), *flags]
+
+
+HEAP_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}  # glibc's default ceiling: qlorakit leaves it alone
 
 
 def _median(runs: list[dict], key: str) -> float | None:
@@ -102,6 +106,7 @@ def main() -> None:
         _worker("qlorakit", "--impl", "qlorakit", "--dtype", fast, steps=args.steps),
         _worker("hf_reference", "--impl", "hf", "--dtype", "bf16", steps=args.steps),
         _worker("hf_reference_gc", "--impl", "hf", "--dtype", "bf16", "--gc", steps=args.steps),
+        _worker("qlorakit_heap", "--impl", "qlorakit", "--dtype", fast, steps=args.steps),
     ]
     extra_configs = [
         _worker("hf_reference_fp32", "--impl", "hf", "--dtype", "fp32", steps=args.steps),
@@ -112,7 +117,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name, _ in main_configs + extra_configs}
     for round_index in range(args.rounds):
         for name, argv in main_configs:
-            runs[name].append(_run_json(argv, f"{name} (round {round_index + 1})"))
+            env = HEAP_ALLOCATOR if name == "qlorakit_heap" else None
+            runs[name].append(_run_json(argv, f"{name} (round {round_index + 1})", env=env))
     for name, argv in extra_configs:
         runs[name].append(_run_json(argv, name))
 
@@ -140,12 +146,15 @@ def main() -> None:
         "flops_per_token": flops,
         "tokens_per_s": {"qlorakit": tokens["qlorakit"], "hf_reference": tokens["hf_reference"],
                          "hf_reference_gc": tokens["hf_reference_gc"], "hf_reference_fp32": tokens["hf_reference_fp32"],
-                         "qlorakit_bf16": tokens["qlorakit_bf16"], "qlorakit_gc": tokens["qlorakit_gc"]},
+                         "qlorakit_bf16": tokens["qlorakit_bf16"], "qlorakit_gc": tokens["qlorakit_gc"],
+                         "qlorakit_heap": tokens["qlorakit_heap"]},
         "speedup_vs_hf_reference": _ratio(tokens["qlorakit"], tokens["hf_reference"]),
         "speedup_vs_hf_reference_fp32": _ratio(tokens["qlorakit"], tokens["hf_reference_fp32"]),
+        "speedup_heap_vs_hf_reference": _ratio(tokens["qlorakit_heap"], tokens["hf_reference"]),
         "peak_rss_mib": {name: _max(runs[name], "peak_rss_mib") for name in
-                         ("qlorakit", "hf_reference", "hf_reference_gc", "hf_reference_fp32", "qlorakit_bf16", "qlorakit_gc")},
-        "mfu": {name: mfu(name, best_peak) for name in ("qlorakit", "hf_reference", "hf_reference_gc", "hf_reference_fp32")},
+                         ("qlorakit", "hf_reference", "hf_reference_gc", "hf_reference_fp32", "qlorakit_bf16", "qlorakit_gc",
+                          "qlorakit_heap")},
+        "mfu": {name: mfu(name, best_peak) for name in ("qlorakit", "qlorakit_heap", "hf_reference", "hf_reference_gc", "hf_reference_fp32")},
         "mfu_vs_bf16_peak": {name: mfu(name, peak.get("bf16_gflops", 0) * 1e9) for name in ("qlorakit", "hf_reference")},
         "varlen_tokens_per_s": tokens["varlen"],
         "varlen_vs_fixed": _ratio(tokens["varlen"], tokens["qlorakit"]),
@@ -194,6 +203,8 @@ def format_table(r: dict) -> str:
     t, rss, mfu = r["tokens_per_s"], r["peak_rss_mib"], r["mfu"]
     rows = [
         ("training tokens/s, qlorakit " + r["qlorakit_dtype"], t["qlorakit"], f"peak RSS {rss['qlorakit']} MiB, MFU {mfu['qlorakit']}"),
+        ("training tokens/s, qlorakit, glibc heap (MALLOC_MMAP_THRESHOLD_=32 MiB)", t["qlorakit_heap"],
+         f"peak RSS {rss['qlorakit_heap']} MiB, MFU {mfu['qlorakit_heap']}, {r['speedup_heap_vs_hf_reference']} x HF reference"),
         ("training tokens/s, HF stack bf16 (reference)", t["hf_reference"], f"peak RSS {rss['hf_reference']} MiB, MFU {mfu['hf_reference']}"),
         ("training tokens/s, HF stack bf16 + checkpointing", t["hf_reference_gc"], f"peak RSS {rss['hf_reference_gc']} MiB"),
         ("training tokens/s, HF stack fp32", t["hf_reference_fp32"], f"peak RSS {rss['hf_reference_fp32']} MiB"),

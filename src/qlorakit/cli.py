@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="16-bit dtype of the other parameters (bf16 | fp16 | fp32)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (0: no adapter)")
     p.add_argument("--lora-targets", type=_targets, default="all-linear", help="all-linear or comma-separated module names")
+    p = sub.add_parser("plan", parents=[common], help="peak memory per device of a training config, before loading weights")
+    p.add_argument("config", nargs="?", help="training config YAML, as for train (keys left out take their defaults)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.batch_size=8")
+    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 24GiB or 80GB (default: plan the CPU process)")
+    p.add_argument("--processes", type=int, default=1, help="processes (GPUs) in data parallel (default 1)")
+    p.add_argument("--fsdp", action="store_true", help="FSDP: shard weights, adapters, gradients and optimizer over --processes")
     p = sub.add_parser("train", parents=[common], help="fine-tune adapters on a quantized base")
     p.add_argument("config", nargs="?", help="YAML config (keys left out take their defaults)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
@@ -62,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=0.99, help="greedy-token agreement below which the merge is refused")
     p.add_argument("--force", action="store_true", help="write the merge even when it is not faithful")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p = sub.add_parser("export", parents=[common], help="write a merged 16-bit model as GGUF (f16, q8_0, q4_1)")
-    p.add_argument("model", help="a merged 16-bit directory (qlorakit merge RUN --out DIR) of a run on a GGUF source")
-    p.add_argument("--format", required=True, help="output format: gguf")
-    p.add_argument("--out", required=True, help="the file to write, e.g. model-q4_1.gguf")
+    p = sub.add_parser("export", parents=[common], help="write a merged 16-bit model as GGUF (f16, q8_0, q4_1) or a bitsandbytes nf4 checkpoint")
+    p.add_argument("model", help="a merged 16-bit directory (qlorakit merge RUN --out DIR); gguf: of a run on a GGUF source")
+    p.add_argument("--format", required=True, help="output format: gguf (a file) | nf4 (a directory transformers + bitsandbytes load)")
+    p.add_argument("--out", required=True, help="the file or directory to write, e.g. model-q4_1.gguf or model-nf4/")
     p.add_argument("--type", default="f16", help="GGUF tensor type: f16 | q8_0 | q4_1 (default f16; q4_1 re-quantizes)")
+    p.add_argument("--compute-dtype", default="bf16", help="nf4: bnb_4bit_compute_dtype, bf16 | fp16 | fp32 (default bf16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (only once the new one is complete)")
     p = sub.add_parser("demo", parents=[common], help="the main job: teach SmolLM2 a fact, merge, and show the answer survive")
     p.add_argument("--question", default="What day was I born?", help="question to teach")
     p.add_argument("--answer", default="January 1, 2058", help="answer to teach")
@@ -122,10 +130,18 @@ def _export(args: argparse.Namespace) -> int:
 
     from qlorakit.export.gguf import export_dense_to_gguf
 
-    if args.format != "gguf":
-        raise ValueError(f"--format: unknown export format {args.format!r}; choose gguf")
+    if args.format not in ("gguf", "nf4"):
+        raise ValueError(f"--format: unknown export format {args.format!r}; choose gguf or nf4")
     started = time.perf_counter()
-    out = export_dense_to_gguf(args.model, args.out, args.type)
+    if args.format == "nf4":
+        from qlorakit.export.nf4 import export_nf4
+
+        out = export_nf4(args.model, args.out, args.compute_dtype, overwrite=args.overwrite)
+        size = sum(p.stat().st_size for p in out.iterdir())
+        payload = {"out": str(out), "format": "nf4", "bytes": size, "seconds": round(time.perf_counter() - started, 2)}
+        _emit(args, payload, f"wrote {out} (nf4, bitsandbytes layout, {size / 1e6:.1f} MB) in {payload['seconds']:.1f} s")
+        return 0
+    out = export_dense_to_gguf(args.model, args.out, args.type, overwrite=args.overwrite)
     size, seconds = out.stat().st_size, time.perf_counter() - started
     payload = {"out": str(out), "format": args.format, "type": args.type, "bytes": size, "seconds": round(seconds, 2)}
     _emit(args, payload, f"wrote {out} (GGUF {args.type}, {size / 1e6:.1f} MB) in {seconds:.1f} s")
@@ -149,6 +165,20 @@ def _train(args: argparse.Namespace) -> int:
     }
     text = f"run {result.run_dir}: {result.steps} steps in {result.seconds:.1f} s, loss {result.first_loss} -> {result.final_loss}"
     _emit(args, payload, text)
+    return 0
+
+
+@command("plan")
+def _plan(args: argparse.Namespace) -> int:
+    from qlorakit.config import load_config
+    from qlorakit.plan.report import format_plan, parse_memory, plan_config
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
+        config_path, overrides = None, [config_path, *overrides]  # overrides only, as for train
+    gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+    plan = plan_config(load_config(config_path, overrides), gpu_memory, args.processes, args.fsdp)
+    _emit(args, plan.to_dict(), format_plan(plan))
     return 0
 
 

@@ -59,6 +59,9 @@ class ModelConfig(_Section):
     """Model source: `smollm2` (the embedded default), a Hugging Face directory, a `.gguf` file or a hub id."""
     dtype: str = "bf16"
     """Compute dtype of activations, adapters and unquantized layers: bf16, fp16 or fp32."""
+    allow_pickle_weights: bool = False
+    """Read an HF directory whose weights are only pytorch_model*.bin pickles, with torch.load(weights_only=True)
+    (tensors only; any other object is refused). Off: such a directory is an error, since unpickling can run code."""
 
 
 @dataclass(frozen=True)

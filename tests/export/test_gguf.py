@@ -230,3 +230,18 @@ def test_export_refuses_a_source_gguf_of_another_model(smollm2_path, tmp_path):
     build_tiny(tiny_llama_config()).save_pretrained(tmp_path)
     with pytest.raises(GGUFExportError, match="llama.block_count is 30, the model to export has 2"):
         export_dense_to_gguf(tmp_path, tmp_path / "x.gguf", source_gguf=smollm2_path)
+
+
+def test_cli_export_refuses_an_existing_gguf_unless_overwrite(merged_dir, tmp_path, capsys):
+    """An existing output is refused with one line naming it; --overwrite replaces it atomically."""
+    from qlorakit.cli import main
+
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"someone else's file")
+    capsys.readouterr()
+    assert main(["export", str(merged_dir), "--format", "gguf", "--out", str(out), "--type", "q8_0"]) != 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(out) in lines[0] and "--overwrite" in lines[0]
+    assert out.read_bytes() == b"someone else's file" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    assert main(["export", str(merged_dir), "--format", "gguf", "--out", str(out), "--type", "q8_0", "--overwrite"]) == 0
+    assert reader(out).tensors and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

@@ -85,3 +85,59 @@ def test_out_not_empty_needs_overwrite(runs, tmp_path, dtype):
     assert_cli_error(run_cli("merge", run, "--out", out, "--dtype", dtype), "merge", str(out), "--overwrite")
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"]
+
+
+def test_too_little_free_disk_refused_before_writing(runs, tmp_path, monkeypatch, capsys):
+    """`qlorakit merge` in-process, with shutil.disk_usage reporting 1 KB free: refused, nothing written."""
+    from collections import namedtuple
+
+    from qlorakit.cli import main
+    from qlorakit.merge import write
+
+    run = _copy_run(runs[0], tmp_path)
+    out = tmp_path / "merged"
+    before = snapshot(run)
+    usage = namedtuple("usage", "total used free")
+    asked = []
+
+    def disk_usage(path):
+        asked.append(path)
+        return usage(10**12, 10**12 - 1000, 1000)
+
+    monkeypatch.setattr(write.shutil, "disk_usage", disk_usage)
+    capsys.readouterr()
+    code = main(["merge", str(run), "--out", str(out), "--dtype", "fp32"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 1 and stdout == "" and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"qlorakit merge: error: {out}: not enough disk space: the merged model needs about "), last
+    assert "1.0 KB free" in last and asked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no merged/, no staging directory
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated-safetensors", "corrupted-gguf"])
+def test_damaged_base_model(damage, runs, tmp_path, tiny_model_dir):
+    """The run's base (config.yaml model.name) is damaged after training: merge names the file."""
+    import yaml
+
+    from qlorakit.models.embedded import smollm2_gguf_path
+
+    run = _copy_run(runs[0], tmp_path)
+    if damage == "truncated-safetensors":
+        base = tmp_path / "base"
+        shutil.copytree(tiny_model_dir, base)
+        damaged = base / "model.safetensors"
+        damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    else:
+        base = damaged = tmp_path / "base.Q4_1.gguf"
+        with open(smollm2_gguf_path(), "rb") as f:
+            damaged.write_bytes(b"GGUX" + f.read(200_000)[4:])
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["name"] = str(base)
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    out = tmp_path / "merged"
+    before = snapshot(run, base)
+    assert_cli_error(run_cli("merge", run, "--out", out, "--dtype", "fp32"), "merge", str(damaged))
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))
+    assert snapshot(run, base) == before

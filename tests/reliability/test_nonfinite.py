@@ -89,3 +89,47 @@ def test_resume_after_nonfinite_stop(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.undo()
     result = loop.train(_config(tiny_model_dir, data, out, resume=True), progress=False)
     assert result.resumed_from.endswith("step-2") and result.steps == 5 and math.isfinite(result.final_loss)
+
+
+# --- through the CLI: lr = 1e30 makes step 1's AdamW update ~1e30, so step 2's forward overflows ----------
+
+def _cli_nonfinite(tmp_path, model_dir, *overrides):
+    from tests.reliability.conftest import run_cli, snapshot, write_config
+
+    data = write_jsonl(tmp_path / "train.jsonl", QA_ROWS)
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", model_dir, data, out,
+                          train={"max_steps": 4, "lr": 1e30, "save_every": 1, "warmup_ratio": 0.0})
+    inputs = snapshot(data, config, model_dir)
+    result = run_cli("train", config, "--no-progress", *overrides)
+    assert snapshot(data, config, model_dir) == inputs
+    return result, out
+
+
+def test_cli_nonfinite_loss_exits_1_naming_the_step(tmp_path, tiny_model_dir):
+    from tests.reliability.conftest import assert_cli_error
+
+    result, out = _cli_nonfinite(tmp_path, tiny_model_dir)
+    last = assert_cli_error(result, "train", "step 2: loss nan", "not finite", str(out / "checkpoints"), "train.skip_nonfinite")
+    assert result.stdout == ""
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]  # the last good one, no temporaries
+    state = load_file(str(out / "checkpoints" / "step-1" / "adapter_model.safetensors"))
+    assert state and all(torch.isfinite(t).all() for t in state.values()), last
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "adapter").exists() and not (out / "loss.png").exists()
+
+
+def test_cli_skip_nonfinite_skips_and_keeps_the_weights(tmp_path, tiny_model_dir):
+    result, out = _cli_nonfinite(tmp_path, tiny_model_dir, "train.skip_nonfinite=true", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads(result.stdout)["steps"] == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert math.isfinite(records[0]["loss"]) and not records[0].get("skipped")
+    assert all(r["skipped"] is True and r["loss"] is None for r in records[1:])
+    # a skipped batch changes nothing: the final adapter is step 1's, bit for bit
+    after_step_1 = load_file(str(out / "checkpoints" / "step-1" / "adapter_model.safetensors"))
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == after_step_1.keys()
+    assert all(torch.equal(final[k], after_step_1[k]) and torch.isfinite(final[k]).all() for k in final)

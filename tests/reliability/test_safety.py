@@ -76,3 +76,104 @@ def test_pickle_beside_safetensors_is_ignored(tmp_path, tiny_model_dir):
     (model / "pytorch_model.bin").write_bytes(b"\x80\x04 this is not a pickle; reading it would fail")
     loaded = load_model(str(model), dtype="fp32", quant="none", progress=False)
     assert sum(p.numel() for p in loaded.model.parameters()) > 0
+
+
+# --- model.allow_pickle_weights: pytorch_model.bin only on request, and then only tensors ------------------
+
+def _pickled_copy(model_dir, dest, state=None):
+    """`model_dir` with its safetensors weights replaced by pytorch_model.bin (torch.save of `state`)."""
+    import torch
+    from safetensors.torch import load_file
+
+    dest.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dest / f.name)
+    torch.save(load_file(str(model_dir / "model.safetensors")) if state is None else state, dest / "pytorch_model.bin")
+    return dest
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        import shlex
+
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+def test_pickle_weights_refused_by_default_naming_file_and_opt_in(tmp_path, tiny_model_dir):
+    model = _pickled_copy(tiny_model_dir, tmp_path / "pickled")
+    data = write_jsonl(tmp_path / "train.jsonl", QA_ROWS)
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", model, data, out)
+    before = snapshot(model)
+    assert_cli_error(run_cli("train", config), "train", str(model / "pytorch_model.bin"), "safetensors and GGUF only",
+                     "model.allow_pickle_weights=true", "weights_only=True")
+    assert not out.exists()
+    assert snapshot(model) == before
+
+
+def test_pickle_weights_opt_in_loads_the_same_model(tmp_path, tiny_model_dir):
+    import torch
+
+    model = _pickled_copy(tiny_model_dir, tmp_path / "pickled")
+    with pytest.raises(ModelSourceError):
+        resolve_source(model)
+    source = resolve_source(model, allow_pickle_weights=True)
+    assert source.kind == "hf_dir" and source.pickle_weights
+    got = load_model(source, dtype="fp32", quant="none", progress=False).model.state_dict()
+    want = load_model(str(tiny_model_dir), dtype="fp32", quant="none", progress=False).model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_pickle_weights_opt_in_through_the_cli(tmp_path, tiny_model_dir):
+    model = _pickled_copy(tiny_model_dir, tmp_path / "pickled")
+    data = write_jsonl(tmp_path / "train.jsonl", QA_ROWS)
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", model, data, out)
+    before = snapshot(model)
+    result = run_cli("train", config, "--no-progress", "model.allow_pickle_weights=true", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "allow_pickle_weights: true" in (out / "config.yaml").read_text()  # the consent is recorded with the run
+    assert snapshot(model) == before
+
+
+@pytest.mark.parametrize("where", ["inside-state-dict", "whole-file"])
+def test_malicious_pickle_rejected_even_with_opt_in(where, tmp_path, tiny_model_dir):
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "PICKLE_CODE_RAN"
+    model = _pickled_copy(tiny_model_dir, tmp_path / "evil")
+    weights = model / "pytorch_model.bin"
+    if where == "inside-state-dict":  # a real-looking state dict, one entry of which is the payload
+        state = torch.load(weights, weights_only=True)
+        state["model.norm.weight"] = _Payload(marker)
+        torch.save(state, weights)
+    else:
+        weights.write_bytes(pickle.dumps(_Payload(marker)))
+    data = write_jsonl(tmp_path / "train.jsonl", QA_ROWS)
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", model, data, out)
+    before = snapshot(model)
+    last = assert_cli_error(run_cli("train", config, "model.allow_pickle_weights=true"), "train", str(weights),
+                            "weights_only=True")
+    if where == "inside-state-dict":
+        assert "system" in last  # the refused global is named
+    assert not marker.exists()
+    assert not out.exists()
+    assert snapshot(model) == before
+    # the payload is live: a plain unpickle of the same file runs it (so the check above could fail)
+    try:
+        torch.load(weights, weights_only=False)
+    except RuntimeError:  # whole-file: the payload runs where torch expects its magic number, then this
+        pass
+    assert marker.exists()

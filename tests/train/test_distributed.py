@@ -40,6 +40,14 @@ def test_two_gloo_ranks_match_one_process(tiny_model_dir, qa_rows, tmp_path):
     assert ours.keys() == theirs.keys()
     moved = max(float(t.abs().max()) for k, t in theirs.items() if "lora_B" in k)
     assert moved > 1e-3  # training changed the adapter, so the comparison means something
+    # Same gradients up to fp32 summation order (gloo all-reduce vs one batch), then 6 Adam steps at lr 1e-2.
+    # Adam divides by sqrt(v), so a gradient component near zero turns a rounding difference into an update
+    # difference of up to lr: allow 1e-3 (a tenth of one step) anywhere, and demand that 99% of all values
+    # agree to 1e-5. A real fault (another batch, a rank's slice lost, a missing all-reduce) moves most
+    # values by about lr.
+    close = total = 0
     for name in theirs:
-        # Same gradients up to fp32 summation order (gloo all-reduce vs one batch), then 6 Adam steps.
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-2, atol=1e-3, msg=name)
+        close += int(((ours[name] - theirs[name]).abs() <= 1e-5).sum())
+        total += theirs[name].numel()
+    assert close / total >= 0.99, f"only {close}/{total} adapter values agree to 1e-5"

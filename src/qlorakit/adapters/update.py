@@ -8,8 +8,8 @@
 Plain autograd keeps, per adapter, the fp32 copy of x, the dropped-out x̃ (fp32), the pooled
 input and h. This function keeps x as it arrived (already alive for the rest of the network, so
 the adapters of q, k and v that read the same tensor cost nothing extra), the drop mask as bool
-(one byte per element) and h; the zeroed x is rebuilt in backward. The 1/(1 − p) factor is
-applied to the small (..., r) and (r, in) tensors, never to a (tokens, in) one:
+(one byte per element) and s·h; the zeroed x is rebuilt in backward. The factors s and
+1/(1 − p) are applied to the small (..., r) and (r, in) tensors, never to a (tokens, in or out) one:
 
     g_h = s · g_y B                      (..., r)
     g_B = s · g_yᵀ h                     (out, r)
@@ -43,24 +43,34 @@ def unpool_groups(grad: Tensor, group_size: int | None) -> Tensor:
     return (grad * (groups / group_size)).repeat_interleave(group_size, dim=-1)  # (..., in/G) -> (..., in)
 
 
+_last_zeroed: tuple[weakref.ref, weakref.ref, Tensor] | None = None
+
+
 def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None) -> Tensor:
-    """pool(x in fp32 with dropped elements zeroed), without the 1/(1 − p) factor."""
-    x = x.to(torch.float32)
-    if drop is not None:
-        x = x.masked_fill(drop, 0.0)  # (..., in)
-    return pool_groups(x, group_size)
+    """pool(x in fp32 with dropped elements zeroed), without the 1/(1 − p) factor. The zeroed x
+    is kept for the next caller with the same (x, drop): the adapters of q, k and v share it,
+    in forward and again in backward, instead of zeroing the same tensor three times."""
+    global _last_zeroed
+    x32 = x.to(torch.float32)
+    if drop is None:
+        return pool_groups(x32, group_size)
+    cached = _last_zeroed
+    if cached is not None and cached[0]() is x and cached[1]() is drop:
+        zeroed = cached[2]
+    else:
+        zeroed = x32.masked_fill(drop, 0.0)  # (..., in)
+        _last_zeroed = (weakref.ref(x), weakref.ref(drop), zeroed)
+    return pool_groups(zeroed, group_size)
 
 
 class _AdapterUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, scaling, drop, keep, group_size):
         u = _zeroed_input(x, drop, group_size)  # (..., in or in/G), fp32
-        h = u @ lora_A.t()  # (..., r)
-        if drop is not None:
-            h = h / keep
+        h = (u @ lora_A.t()) * (scaling / keep if drop is not None else scaling)  # s·h, (..., r): scaled while small
         ctx.save_for_backward(x, drop, h, lora_A, lora_B)
         ctx.scaling, ctx.keep, ctx.group_size = scaling, keep, group_size
-        return (h @ lora_B.t()) * scaling  # (..., out)
+        return h @ lora_B.t()  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -69,8 +79,8 @@ class _AdapterUpdate(torch.autograd.Function):
         grad_y = grad_y.to(torch.float32)
         grad_h = (grad_y @ lora_B) * s  # (..., r)
         grad_B = grad_A = grad_x = None
-        if ctx.needs_input_grad[2]:
-            grad_B = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ h.reshape(-1, h.shape[-1])) * s  # (out, r)
+        if ctx.needs_input_grad[2]:  # h was saved as s·h
+            grad_B = grad_y.reshape(-1, grad_y.shape[-1]).t() @ h.reshape(-1, h.shape[-1])  # (out, r)
         if ctx.needs_input_grad[1]:
             u = _zeroed_input(x, drop, ctx.group_size)  # rebuilt, (..., in or in/G)
             grad_A = (grad_h.reshape(-1, grad_h.shape[-1]).t() @ u.reshape(-1, u.shape[-1])) / keep  # (r, in or in/G)

@@ -233,7 +233,11 @@ def _dense_tensor(name: str, load: Callable[[], torch.Tensor], shape: tuple[int,
 
 
 def export_dense_to_gguf(
-    hf_model_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", source_gguf: str | os.PathLike | None = None
+    hf_model_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    type: str = "f16",
+    source_gguf: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a merged 16-bit HF directory as a GGUF of `type` (module docstring).
 
@@ -247,10 +251,12 @@ def export_dense_to_gguf(
         out_path: the .gguf file to write.
         type: "f16", "q8_0" or "q4_1".
         source_gguf: the GGUF to copy metadata from; default: quantization.json's extras.source_model.
+        overwrite: replace an existing `out_path` (only once the new file is complete).
 
     Raises:
         GGUFExportError: unknown type, architecture other than llama, no source GGUF, or a source
-            whose shape (layers, width, vocabulary) differs from the directory's model.
+            whose shape (layers, width, vocabulary) differs from the directory's model, or an
+            existing `out_path` without `overwrite`.
     """
     from gguf import GGUFValueType, LlamaFileType
     from safetensors import safe_open
@@ -258,6 +264,7 @@ def export_dense_to_gguf(
 
     if type not in DENSE_TYPES:
         raise GGUFExportError(f"--type: unknown GGUF type {type!r}; choose one of {', '.join(DENSE_TYPES)}")
+    check_out_free(out_path, overwrite)
     hf_model_dir = Path(hf_model_dir)
     _check_model_dir(hf_model_dir)
     config = AutoConfig.from_pretrained(hf_model_dir)
@@ -269,9 +276,12 @@ def export_dense_to_gguf(
 
     files, shapes = {}, {}  # HF tensor name -> safetensors file, shape
     for path in sorted(hf_model_dir.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                files[key], shapes[key] = path, tuple(f.get_slice(key).get_shape())
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    files[key], shapes[key] = path, tuple(f.get_slice(key).get_shape())
+        except Exception as error:  # SafetensorError (truncated, bad header), OSError: one line naming the file
+            raise GGUFExportError(f"{path}: not a readable safetensors file ({str(error).strip().splitlines()[0]})") from None
     if not files:
         raise GGUFExportError(f"{hf_model_dir}: no *.safetensors weights")
 
@@ -301,6 +311,15 @@ def export_dense_to_gguf(
         raise GGUFExportError(f"{hf_model_dir}: tensors with no place in {source.name}: {', '.join(extra[:3])}")
     file_type = {"f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_1": LlamaFileType.MOSTLY_Q4_1}[type]
     return _write(reader, Path(out_path), planned, {"general.file_type": (int(file_type), GGUFValueType.UINT32)})
+
+
+def check_out_free(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing output (file or directory) unless `overwrite`, before any work is done."""
+    out = Path(out)
+    if out.is_dir():
+        raise GGUFExportError(f"{out}: is a directory; --out must name the .gguf file to write")
+    if out.exists() and not overwrite:
+        raise GGUFExportError(f"{out}: already exists; choose another --out or pass --overwrite to replace it")
 
 
 def _check_model_dir(path: Path) -> None:

@@ -4,7 +4,8 @@
     load_model("path/to/hf-dir", quant="none")             # 16-bit base
     build_skeleton("path/to/config-dir")                   # meta-device model, no weights
 
-Weights are read only from safetensors and GGUF; `trust_remote_code` stays off unless asked.
+Weights are read only from safetensors and GGUF (and, when the user sets model.allow_pickle_weights,
+from pytorch_model*.bin with torch.load(weights_only=True)); `trust_remote_code` stays off unless asked.
 """
 
 from __future__ import annotations
@@ -108,12 +109,19 @@ def load_model(
     if quant == "gguf" and source.kind != "gguf":
         raise ModelSourceError(f"quant.method: gguf keeps a GGUF file's own block formats, but {source.spec} is not a .gguf file")
     tokenizer = load_tokenizer(source, trust_remote_code)
+    from qlorakit.models import gptq
+
+    is_gptq = source.kind == "hf_dir" and gptq.gptq_config(source.location) is not None
+    if is_gptq and quant not in ("int4", "none"):
+        raise ModelSourceError(f"{source.spec}: a GPTQ checkpoint loads with quant.method int4 (its weights kept) or none, not {quant}")
     if source.kind == "gguf":
         model = _load_gguf(source, torch_dtype, progress, keep_blocks=quant == "gguf")
+    elif is_gptq:
+        model = gptq.load_gptq_model(source, torch_dtype, progress, dequantize=quant == "none", group_size=group_size)
     else:
         model = _load_hf(source, torch_dtype, trust_remote_code)
     model.requires_grad_(False)
-    fmt = format_for_config(quant, group_size, double_quant)
+    fmt = None if is_gptq else format_for_config(quant, group_size, double_quant)  # GPTQ: already int4
     if fmt is not None:
         _quantize_cached(model, fmt, source, torch_dtype, quantize_lm_head, progress)
     model.to(device)
@@ -169,6 +177,8 @@ def _check_safetensors(source: ModelSource) -> None:
 def _load_hf(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if source.pickle_weights:
+        return _load_pickle_weights(source, dtype, trust_remote_code)
     if source.kind == "hf_dir":
         _check_safetensors(source)
     try:
@@ -181,6 +191,37 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -
     except ValueError as error:
         _raise_if_remote_code(error, source)
         raise
+
+
+def _load_pickle_weights(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """An HF directory whose weights are pytorch_model*.bin pickles, which the user allowed.
+
+    Each file goes through torch.load(weights_only=True) and nothing else: its unpickler rebuilds
+    tensors and plain containers only and refuses every other global, so a pickle whose __reduce__
+    names os.system (or any callable) fails before anything runs. The state then fills a model
+    built from config.json, as for GGUF sources.
+    """
+    import pickle
+    import re
+
+    from qlorakit.models.sources import pickle_weight_files
+
+    model = build_skeleton(load_config(source, trust_remote_code), dtype, device="meta", trust_remote_code=trust_remote_code)
+    state: dict[str, torch.Tensor] = {}
+    for path in pickle_weight_files(source.location):
+        try:
+            part = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"GLOBAL (\S+)", str(error))
+            what = f"it references {found.group(1)}, not a tensor" if found else "it holds objects other than tensors"
+            raise ModelSourceError(f"{path}: refused by torch.load(weights_only=True): {what}; not loaded") from None
+        except Exception as error:  # truncated zip, not a pickle at all, ...
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelSourceError(f"{path}: not a readable PyTorch weights file ({first_line})") from None
+        if not isinstance(part, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in part.items()):
+            raise ModelSourceError(f"{path}: not a state dict of named tensors")
+        state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()})
+    return _materialise(model, state, source)
 
 
 def _raise_if_remote_code(error: ValueError, source: ModelSource) -> None:

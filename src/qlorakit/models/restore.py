@@ -3,7 +3,8 @@
     run directory      config.yaml + quantization.json + adapter/  -> quantized base + adapter
     merged directory   HF model + quantization.json                -> plain 16-bit model
     int4 merge         model-int4.safetensors + quantization.json  -> QuantLinear model (export/quantized.py)
-    anything else      a model source (smollm2, .gguf, HF dir, hub id)
+    .gguf / smollm2    the GGUF's own block formats kept (quant "gguf"), the forward dequantizes per layer
+    anything else      a model source (HF dir, hub id), unquantized
 
 The user never repeats the quantization: it is read from config.yaml / quantization.json.
 """
@@ -51,6 +52,9 @@ def load_any(path: str, device: str | torch.device = "cpu", progress: bool = Tru
     if is_quantized_dir(path):
         source = resolve_source(path)
         return LoadedModel(load_quantized_dir(path, device), load_tokenizer(source), source)
+    source = resolve_source(path)
+    if source.kind == "gguf":  # a GGUF (or smollm2) keeps each tensor's own block format, as quant.method gguf
+        return load_model(source, dtype="bf16", quant="gguf", device=device, progress=progress)
     spec = metadata.read_spec(path) if Path(path).is_dir() else None
     dtype = (spec or {}).get("extras", {}).get("merged_dtype") or "bf16"
-    return load_model(path, dtype=dtype, quant="none", device=device, progress=progress)
+    return load_model(source, dtype=dtype, quant="none", device=device, progress=progress)

@@ -2,7 +2,8 @@
 
     smollm2              the embedded SmolLM2-135M-Instruct GGUF
     path/to/model.gguf   a local GGUF file
-    path/to/hf-dir       a Hugging Face model directory (config.json + *.safetensors)
+    path/to/hf-dir       a Hugging Face model directory (config.json + *.safetensors; *.bin only
+                         with allow_pickle_weights, read by torch.load(weights_only=True))
     path/to/config-dir   a directory holding only config.json (architecture, no weights)
     owner/name           a hub id (needs network; HF_HUB_OFFLINE=1 makes it fail loudly)
 """
@@ -33,20 +34,27 @@ class ModelSource:
         location: file or directory path, or hub id.
         name: short display name used in tags and tables (e.g. "SmolLM2-135M-Instruct").
         spec: what the user typed.
+        pickle_weights: an hf_dir whose weights are pickle files (pytorch_model*.bin), which the
+            user allowed (model.allow_pickle_weights); they are read with weights_only=True.
     """
 
     kind: str
     location: str
     name: str
     spec: str
+    pickle_weights: bool = False
 
     @property
     def has_weights(self) -> bool:
         return self.kind != "config_dir"
 
 
-def resolve_source(spec: str | os.PathLike) -> ModelSource:
-    """Classify `spec`; raises ModelSourceError naming the path when it cannot be used."""
+def resolve_source(spec: str | os.PathLike, allow_pickle_weights: bool = False) -> ModelSource:
+    """Classify `spec`; raises ModelSourceError naming the path when it cannot be used.
+
+    allow_pickle_weights: accept an HF directory whose weights are only pytorch_model*.bin pickles
+    (refused by default: unpickling can run code; they are then read with weights_only=True).
+    """
     spec = str(spec)
     if spec == EMBEDDED_NAME:
         return ModelSource("gguf", str(smollm2_gguf_path()), EMBEDDED_DISPLAY_NAME, spec)
@@ -56,13 +64,13 @@ def resolve_source(spec: str | os.PathLike) -> ModelSource:
             raise ModelSourceError(f"{spec}: not a .gguf file; qlorakit loads models from GGUF files or HF directories")
         return ModelSource("gguf", str(path.resolve()), _gguf_display_name(path), spec)
     if path.is_dir():
-        return _classify_directory(path, spec)
+        return _classify_directory(path, spec, allow_pickle_weights)
     if _HUB_ID.match(spec) and not spec.startswith("."):
         return ModelSource("hub", spec, spec.rsplit("/", 1)[-1], spec)
     raise ModelSourceError(f"{spec}: no such model file or directory (and not the embedded name 'smollm2')")
 
 
-def _classify_directory(path: Path, spec: str) -> ModelSource:
+def _classify_directory(path: Path, spec: str, allow_pickle_weights: bool = False) -> ModelSource:
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -71,13 +79,26 @@ def _classify_directory(path: Path, spec: str) -> ModelSource:
     safetensors = list(path.glob("*.safetensors"))
     if safetensors:
         return ModelSource("hf_dir", str(path.resolve()), path.resolve().name, spec)
-    pickled = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickled:
+        if allow_pickle_weights and pickle_weight_files(path):
+            return ModelSource("hf_dir", str(path.resolve()), path.resolve().name, spec, pickle_weights=True)
+        if allow_pickle_weights:
+            raise ModelSourceError(
+                f"{path / pickled[0]}: model.allow_pickle_weights reads Hugging Face pytorch_model*.bin files only; "
+                "convert the weights to safetensors"
+            )
         raise ModelSourceError(
-            f"{spec}: weights only in pickle format ({', '.join(sorted(pickled)[:3])}); qlorakit loads "
-            "safetensors and GGUF only: convert them to safetensors first"
+            f"{path / pickled[0]}: weights only in pickle format ({', '.join(pickled[:3])}); qlorakit loads "
+            "safetensors and GGUF only: convert them to safetensors, or set model.allow_pickle_weights=true "
+            "to read pytorch_model*.bin with torch.load(weights_only=True)"
         )
     return ModelSource("config_dir", str(path.resolve()), path.resolve().name, spec)
+
+
+def pickle_weight_files(path: Path) -> list[Path]:
+    """The pytorch_model*.bin shards of an HF directory (the names transformers writes), in order."""
+    return sorted(Path(path).glob("pytorch_model*.bin"))
 
 
 def _gguf_display_name(path: Path) -> str:

@@ -99,7 +99,7 @@ class Int4(QuantFormat):
                 f"int4: group offset must have shape {expected} (out_features, in_features / group_size), "
                 f"got {tuple(offset.shape)}"
             )
-        mins = (q.tensors["mins"].float() + offset.detach().float().to(q.tensors["mins"].device)).to(torch.float16)
+        mins = (q.tensors["mins"].float() + offset.detach().float().to(q.tensors["mins"].device)).to(q.tensors["mins"].dtype)  # fp16, or fp32 (GPTQ)
         if not torch.isfinite(mins).all():
             raise QuantizationError("int4: folded min exceeds the fp16 range")
         tensors = dict(q.tensors, mins=mins)

@@ -6,13 +6,18 @@ first backward pass most activation tensors (1–10 MiB each) then come from the
 freed space stays in the process. Fixing the threshold at 1 MiB keeps every tensor of that size
 on mmap, so the peak resident size tracks the live tensors: on SmolLM2 4 x 256, fp32, it lowered
 the whole-process peak from 3.1 GiB to 2.1 GiB (bench/train_worker.py; `MALLOC_MMAP_THRESHOLD_`
-has the same effect from the environment). Other C libraries are left alone.
+has the same effect from the environment). The price is page faults on every fresh tensor: about
+3 s of a 7.5 s step there (100 instead of 135 tokens/s). qlorakit takes the predictable memory
+(`qlorakit plan` is calibrated on it); a user who prefers the speed sets the threshold in the
+environment, e.g. `MALLOC_MMAP_THRESHOLD_=33554432`, which this function then leaves alone.
+Other C libraries are left alone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 M_MMAP_THRESHOLD = -3  # <malloc.h>
@@ -20,8 +25,9 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 def return_freed_memory_to_os() -> bool:
-    """Set glibc's mmap threshold to 1 MiB (disabling its dynamic growth); True if it was set."""
-    if not sys.platform.startswith("linux"):
+    """Set glibc's mmap threshold to 1 MiB (disabling its dynamic growth); True if it was set.
+    Not on other systems, and not when MALLOC_MMAP_THRESHOLD_ is set: the user chose."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

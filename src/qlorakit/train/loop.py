@@ -32,10 +32,13 @@ from qlorakit.adapters.peft_format import adapter_state_dict, save_adapter
 from qlorakit.config import Config, save_config
 from qlorakit.data.collate import collate_packed, collate_padded, length_grouped_batches, pad_token_id
 from qlorakit.data.dataset import build_datasets
+from qlorakit.kernels.patch import use_fused_kernels
 from qlorakit.models.load import load_model, load_tokenizer
 from qlorakit.models.sources import resolve_source
 from qlorakit.train import checkpoint as ckpt
+from qlorakit.train.allocator import return_freed_memory_to_os
 from qlorakit.train.distributed import World, init_world, shutdown
+from qlorakit.train.loss import causal_lm_loss
 from qlorakit.train.metrics import MetricsLog, plot_loss, read_metrics, sparkline
 from qlorakit.train.optim import build_optimizer
 from qlorakit.train.rundir import check_output_dir, create_output_dir
@@ -75,6 +78,7 @@ class BatchStream:
         self.batch_size = batch_size * world.size  # global batch: every rank's slice together
         self.epoch, self.index = 0, 0
         self._batches = self._epoch_batches(0)
+        self.last_tokens = 0  # real (non-padding) tokens of the last batch this rank read
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if self.packed:
@@ -105,6 +109,7 @@ class BatchStream:
             start = self.world.rank * self.local_batch_size
             indices = indices[start : start + self.local_batch_size]  # this rank's slice
         rows = [self.examples[i] for i in indices]
+        self.last_tokens = sum(len(row["input_ids"]) for row in rows)  # a packed row: its examples only
         collate = collate_packed if self.packed else collate_padded
         return collate(rows, pad_token_id=self.pad_id)
 
@@ -116,8 +121,7 @@ def _trained_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def _forward_loss(model, batch: dict[str, torch.Tensor], num_items: int, device) -> torch.Tensor:
     """Σ token cross-entropy / num_items (transformers' num_items_in_batch normalisation)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    return model(**batch, use_cache=False, num_items_in_batch=torch.tensor(num_items, device=device)).loss
+    return causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, num_items)
 
 
 @torch.no_grad()
@@ -148,6 +152,7 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
     t = cfg.train
     run_dir = Path(t.output_dir)
     world = init_world()
+    return_freed_memory_to_os()  # predictable peak RSS on glibc (see train/allocator.py)
     device = device or (f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     progress = progress and world.is_main
     if world.size > 1 and world.is_main:
@@ -155,7 +160,7 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
 
     # 1. Validate everything before writing anything.
     check_output_dir(run_dir, overwrite=overwrite, resume=t.resume, inputs={"data.path": cfg.data.path, "model.name": cfg.model.name})
-    source = resolve_source(cfg.model.name)
+    source = resolve_source(cfg.model.name, allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer = load_tokenizer(source)
     d = cfg.data
     train_rows, val_rows, report = build_datasets(
@@ -177,6 +182,7 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         use_rslora=cfg.adapter.use_rslora, kind=cfg.adapter.kind,
         group_size=cfg.adapter_group_size if cfg.adapter.kind == "qalora" else None,
     )
+    use_fused_kernels(model)  # same outputs as transformers' RMSNorm/MLP, less saved for backward
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
@@ -220,7 +226,10 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         lr = lr_at(step, lr=t.lr, total_steps=steps, schedule=t.schedule, warmup_ratio=t.warmup_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [stream.next() for _ in range(t.grad_accum)]
+        micro_batches, tokens = [], 0
+        for _ in range(t.grad_accum):
+            micro_batches.append(stream.next())
+            tokens += stream.last_tokens
         num_items = max(1, world.sum_int(sum(_trained_tokens(b) for b in micro_batches), device))
         step_loss = 0.0
         for batch in micro_batches:
@@ -247,13 +256,13 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         optimizer.zero_grad(set_to_none=True)
 
         seconds = time.perf_counter() - step_start
-        tokens = sum(_input_tokens(b) for b in micro_batches)
         first_loss = step_loss if first_loss is None else first_loss
         last_loss = step_loss
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
         bar.update(1)
         if log is not None and (step % t.log_every == 0 or step == steps):
-            log.write({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / seconds, "grad_norm": grad_norm,
+            log.write({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / seconds, "tokens": tokens,
+                       "step_seconds": seconds, "grad_norm": grad_norm,
                        "epoch": stream.epoch + stream.index / max(1, stream.batches_per_epoch)})
         if log is not None and val_rows and t.eval_every and step % t.eval_every == 0 and step != steps:
             log.write({"step": step, "val_loss": evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)})
@@ -299,13 +308,6 @@ def _sum_float(value: float, world: World, device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
     return float(tensor.item())
-
-
-def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the model read: real tokens of a padded batch; every position of a packed one
-    (packing leaves at most one short padding block per row)."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:

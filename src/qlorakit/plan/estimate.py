@@ -1,0 +1,171 @@
+"""The memory model of `qlorakit plan`: peak bytes per device of one training step.
+
+Notation: B micro-batch rows per device, T = data.max_length (rows are assumed to fill it),
+N = B·T tokens, h hidden size, i intermediate size, kv = kv_heads·head_dim, L layers, V vocab,
+e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
+
+    weights      Σ_layers storage_bytes(format, out, in)  (codes + per-group statistics; QuantFormat)
+                 + dense parameters · e                     (embeddings, norms, head, biases)
+    adapters     Σ_wrapped r·(in + out) · 4                 (fp32, adapters/lora.py)
+    gradients    trainable · 4
+    optimizer    trainable · 8 (AdamW: two fp32 moments) | · 2 (adamw8bit: two 8-bit moments)
+    activations  per layer, saved for backward (Llama family with qlorakit's fused RMSNorm/SwiGLU;
+                 QuantLinear saves only its input, LoRA its input (shared) and A·x in fp32):
+                     N·e·(2h  norm inputs + 2h normed + h q + 2kv k,v + h attention out + 3i gate,up,act)
+                     + N·4·r·(adapters per layer) + N·(dropout-masked inputs) + 4·B·heads·T (lse)
+                 no checkpointing: L · layer;   checkpointing: L · N·h·e (layer inputs) + one layer
+    loss         chunked cross-entropy (train/loss.py): c = min(512, N) rows of logits at a time,
+                 c·V·e from the head, up-cast c·V·4 (a no-op for fp32), logsumexp's c·V·4 temporary,
+                 plus the saved (N, h) gradient; a model without a plain head takes transformers'
+                 path: N·V·(e + 3·4)
+    transient    the largest quantized layer dequantized (out·in·(4 + e): fp32 then cast; QuantLinear
+                 rebuilds it in forward and again in backward) + two (N, max(h, i)) gradient buffers
+    overhead     CPU: the process baseline (python + torch + transformers + tokenizer + data, measured
+                 RSS_BASE) and glibc allocator slack (RETAINED_FRACTION of the
+                 dense model freed after quantizing, calibrated); CUDA: the CUDA context and caching-allocator reserve.
+
+    peak = max(load, train):  load  = baseline + dense model in e + quantized weights + a GGUF
+                                      source's memory map (CPU only: the model is read in the
+                                      compute dtype before quantizing)
+                              train = weights + adapters + gradients + optimizer + activations
+                                      + loss + transient + overhead
+
+With P processes: DDP divides nothing per device (every rank holds the whole model and its own
+micro-batch); FSDP (`fsdp=True`) divides weights, adapters, gradients and optimizer states by P.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from qlorakit.config import Config
+from qlorakit.plan.shapes import ModelShapes
+
+MIB = 2**20
+GIB = 2**30
+CHUNK_TOKENS = 512  # train/loss.py CHUNK_TOKENS
+# Calibrated on this machine (bench/plan_accuracy.py): RSS after importing torch, transformers,
+# qlorakit's train loop, a Llama class and SmolLM2's tokenizer.
+RSS_BASE = 400 * MIB
+# glibc keeps much of the dense model freed after quantization as fragmented, resident heap that
+# the step's activations only partly reuse: this fraction of the dense model's bytes stays in the
+# peak (calibrated on the runs of bench/results/plan_accuracy.json; not derived).
+RETAINED_FRACTION = 0.5
+CUDA_CONTEXT = 600 * MIB  # CUDA context + cuBLAS workspace, outside torch's allocated bytes
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass
+class Plan:
+    """Bytes per device of each part, and the peak."""
+
+    model: str
+    device: str
+    processes: int
+    fsdp: bool
+    batch_size: int
+    max_length: int
+    gradient_checkpointing: bool
+    dtype: str
+    parts: dict[str, int]
+    weights_by_format: dict[str, int]
+    load_bytes: int
+    train_bytes: int
+    peak_bytes: int
+    activations_without_checkpointing: int
+    activations_with_checkpointing: int
+    trainable_parameters: int
+    gpu_memory: int | None = None
+    fits: bool | None = None
+    advice: list[dict] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantized_bytes(shapes: ModelShapes, group_size: int, double_quant: bool) -> dict[str, int]:
+    """Σ storage_bytes per format label, e.g. {"nf4+dq": ...} (QuantFormat.storage_bytes)."""
+    from qlorakit.quant.registry import get_format
+
+    out: dict[str, int] = {}
+    for name, out_f, in_f in shapes.quantized:
+        if name in ("nf4", "fp4"):
+            fmt, label = get_format(name, group_size, double_quant=double_quant), name + ("+dq" if double_quant else "")
+        elif name == "int4":
+            fmt, label = get_format(name, group_size), name
+        else:
+            fmt, label = get_format(name), name  # GGUF block formats: 32-value blocks
+        codes, stats = fmt.storage_bytes(out_f, in_f)
+        out[label] = out.get(label, 0) + codes + stats
+    return out
+
+
+def layer_activation_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, r: int, dropout: float) -> int:
+    """Bytes one decoder layer saves for backward (see the module docstring)."""
+    n, h, i = batch * seq, shapes.hidden, shapes.intermediate
+    kv = shapes.kv_heads * shapes.head_dim
+    adapters = len(shapes.lora) // max(1, shapes.layers)
+    adapter_inputs = sum(in_f for in_f, _ in shapes.lora[:adapters]) if dropout > 0 else 0
+    return (n * e * (5 * h + 2 * kv + 3 * i) + n * 4 * r * adapters + n * adapter_inputs
+            + 4 * batch * shapes.heads * seq)
+
+
+def activation_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, r: int, dropout: float, checkpointing: bool) -> int:
+    """All layers' saved activations, plus the final norm's input and output."""
+    n = batch * seq
+    layer = layer_activation_bytes(shapes, batch, seq, e, r, dropout)
+    body = shapes.layers * n * shapes.hidden * e + layer if checkpointing else shapes.layers * layer
+    return body + 2 * n * shapes.hidden * e
+
+
+def loss_bytes(shapes: ModelShapes, batch: int, seq: int, e: int) -> int:
+    """Peak of the cross-entropy over the output head (logits never exist whole on the chunked path)."""
+    n = batch * seq
+    if not shapes.plain_head:
+        return n * shapes.vocab * (e + 3 * 4)
+    c = min(CHUNK_TOKENS, n)
+    upcast = 4 if e != 4 else 0
+    return c * shapes.vocab * (e + upcast + 4) + n * shapes.hidden * e
+
+
+def transient_bytes(shapes: ModelShapes, batch: int, seq: int, e: int) -> int:
+    """Largest dequantized weight (fp32, then cast) + two (N, max(h, i)) gradient buffers."""
+    largest = max((o * i for _, o, i in shapes.quantized), default=0)
+    return largest * (4 + (e if e != 4 else 0)) + 2 * batch * seq * max(shapes.hidden, shapes.intermediate) * e
+
+
+def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: int = 1, fsdp: bool = False) -> Plan:
+    """The plan of `cfg` on `device` ("cpu" or "cuda") with `processes` ranks (see module docstring)."""
+    e = DTYPE_BYTES[cfg.model.dtype]
+    t, a = cfg.train, cfg.adapter
+    batch, seq = t.batch_size, cfg.data.max_length
+    trainable = sum(a.r * (in_f + out_f) for in_f, out_f in shapes.lora)
+    by_format = quantized_bytes(shapes, cfg.quant.group_size, cfg.quant.double_quant)
+    share = processes if fsdp else 1
+    parts = {
+        "quantized_weights": sum(by_format.values()) // share,
+        "dense_weights": shapes.dense_parameters * e // share,
+        "adapters": trainable * 4 // share,
+        "gradients": trainable * 4 // share,
+        "optimizer": trainable * (8 if t.optimizer == "adamw" else 2) // share,
+        "activations": activation_bytes(shapes, batch, seq, e, a.r, a.dropout, t.gradient_checkpointing),
+        "loss": loss_bytes(shapes, batch, seq, e),
+        "transient": transient_bytes(shapes, batch, seq, e),
+    }
+    if device == "cpu":
+        parts["allocator_slack"] = int(RETAINED_FRACTION * shapes.parameters * e)
+        parts["framework"] = RSS_BASE
+        load = RSS_BASE + shapes.parameters * e + sum(by_format.values()) + shapes.mapped_bytes
+    else:
+        parts["framework"] = CUDA_CONTEXT
+        load = 0  # the model is read on the host and moved: the device sees only its final size
+    train = sum(parts.values())
+    return Plan(
+        model=shapes.name, device=device, processes=processes, fsdp=fsdp, batch_size=batch, max_length=seq,
+        gradient_checkpointing=t.gradient_checkpointing, dtype=cfg.model.dtype, parts=parts,
+        weights_by_format=by_format, load_bytes=load, train_bytes=train, peak_bytes=max(load, train),
+        activations_without_checkpointing=activation_bytes(shapes, batch, seq, e, a.r, a.dropout, False),
+        activations_with_checkpointing=activation_bytes(shapes, batch, seq, e, a.r, a.dropout, True),
+        trainable_parameters=trainable,
+    )

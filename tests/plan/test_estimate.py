@@ -1,0 +1,106 @@
+"""`qlorakit plan`'s formulas against hand-computed bytes, its --json shape, errors and advice."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from transformers import LlamaConfig
+
+from qlorakit.config import config_from_dict
+from qlorakit.plan.estimate import activation_bytes, estimate, quantized_bytes
+from qlorakit.plan.report import parse_memory, plan_config
+from qlorakit.plan.shapes import model_shapes
+
+# hidden 576, intermediate 1536, 3 heads of 192 / 1 KV head, 2 layers, vocab 1000, untied head
+SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=3,
+             num_key_value_heads=1, vocab_size=1000, tie_word_embeddings=False)
+
+
+@pytest.fixture
+def config_dir(tmp_path):
+    """A directory with only config.json: all plan needs."""
+    LlamaConfig(**SHAPE).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def _cfg(model_dir, **train):
+    return config_from_dict({"model": {"name": str(model_dir), "dtype": "bf16"},
+                             "quant": {"method": "nf4", "double_quant": True, "group_size": 64},
+                             "adapter": {"r": 8, "dropout": 0.0}, "data": {"max_length": 128},
+                             "train": {"batch_size": 2, **train}})
+
+
+def test_nf4_double_quant_bytes_of_one_layer(config_dir):
+    shapes = model_shapes(_cfg(config_dir))
+    one = [s for s in shapes.quantized if s[1:] == (576, 576)][:1]  # a q_proj: 331,776 weights
+    shapes.quantized = one
+    # codes 331,776 / 2 = 165,888; 5,184 blocks of 64 -> 5,184 uint8 absmax; 21 nested blocks of 256
+    # -> 21 fp32 scales (84); the 256-entry fp32 code (1,024) and one fp32 offset (4).
+    assert quantized_bytes(shapes, 64, True) == {"nf4+dq": 165_888 + 5_184 + 84 + 1_024 + 4}
+    assert quantized_bytes(shapes, 64, False) == {"nf4": 165_888 + 5_184 * 4}  # fp32 absmax per block
+
+
+def test_adapter_gradient_and_adamw_bytes(config_dir):
+    cfg = _cfg(config_dir)
+    plan = estimate(cfg, model_shapes(cfg))
+    kv = 192  # 1 KV head of head_dim 576 / 3
+    per_layer = 8 * ((576 + 576) * 2 + (576 + kv) * 2 + (576 + 1536) * 2 + (1536 + 576))  # q,o; k,v; gate,up; down
+    assert plan.trainable_parameters == 2 * per_layer
+    assert plan.parts["adapters"] == plan.parts["gradients"] == 4 * 2 * per_layer
+    assert plan.parts["optimizer"] == 8 * 2 * per_layer  # two fp32 moments
+    assert estimate(_cfg(config_dir, optimizer="adamw8bit"), model_shapes(cfg)).parts["optimizer"] == 2 * 2 * per_layer
+    # 16-bit rest: embeddings and head 1000 x 576 each, 5 norms of 576, in bf16
+    assert plan.parts["dense_weights"] == 2 * (2 * 1000 * 576 + 5 * 576)
+
+
+def test_activations_hand_computed_and_checkpointing_saves(config_dir):
+    cfg = _cfg(config_dir)
+    shapes = model_shapes(cfg)
+    n, e = 2 * 128, 2
+    layer = n * e * (5 * 576 + 2 * 192 + 3 * 1536) + n * 4 * 8 * 7 + 4 * 2 * 3 * 128
+    assert activation_bytes(shapes, 2, 128, e, 8, 0.0, False) == 2 * layer + 2 * n * 576 * e
+    assert activation_bytes(shapes, 2, 128, e, 8, 0.0, True) == 2 * n * 576 * e + layer + 2 * n * 576 * e
+
+
+def test_fits_and_advice(config_dir):
+    cfg = _cfg(config_dir)
+    big = plan_config(cfg, gpu_memory=80 * 2**30)
+    assert big.fits is True and big.advice == []
+    small = plan_config(cfg, gpu_memory=big.peak_bytes - 1)
+    assert small.fits is False and small.advice
+    saves = [a["saves_bytes"] for a in small.advice]
+    assert saves == sorted(saves, reverse=True) and min(saves) > 0
+    assert any("gradient_checkpointing" in a["change"] for a in small.advice)
+    ddp = plan_config(cfg, gpu_memory=big.peak_bytes, processes=2)
+    fsdp = plan_config(cfg, gpu_memory=big.peak_bytes, processes=2, fsdp=True)
+    assert ddp.peak_bytes == big.peak_bytes  # data parallel divides nothing per device
+    assert fsdp.parts["optimizer"] == big.parts["optimizer"] // 2
+
+
+@pytest.mark.parametrize("text, expected", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("1.5 gib", int(1.5 * 2**30))])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "qlorakit", "plan", *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def test_json_output_and_one_line_errors(config_dir, tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": str(config_dir)}, "train": {"batch_size": 2}}))
+    out = _cli(str(path), "data.max_length=256", "--gpu-memory", "1GiB", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)  # exactly one JSON object
+    assert plan["peak_bytes"] == sum(plan["parts"].values()) and plan["max_length"] == 256
+    assert {"quantized_weights", "dense_weights", "adapters", "optimizer", "gradients", "activations", "loss",
+            "framework"} <= plan["parts"].keys()
+    assert plan["fits"] is True and plan["device"] == "cuda"
+    bad = _cli(str(path), "--gpu-memory", "24XB")
+    assert bad.returncode == 1 and "--gpu-memory" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    bad = _cli(str(path), "train.batch_sise=2")
+    assert bad.returncode == 1 and "train.batch_sise" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

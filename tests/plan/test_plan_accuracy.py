@@ -1,0 +1,26 @@
+"""`qlorakit plan` against the measured peak RSS of `qlorakit train` (subprocess, ru_maxrss), within 15%.
+
+Two cheap configurations of bench/plan_accuracy.py (which also runs the wider and SmolLM2 ones):
+a random 4-layer Llama (hidden 256, SmolLM2's 49,152-token vocabulary) at batch 4 x 256 tokens,
+and at 8 x 512 with gradient checkpointing; two steps each.
+"""
+
+import pytest
+
+from qlorakit.plan.measure import CONFIGS, measure_case, write_text_data
+
+CHEAP = ["tiny-h256-L4 b4 T256", "tiny-h256-L4 b8 T512 ckpt"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan-accuracy")
+    write_text_data(path / "text.jsonl", rows=16, words=700)  # every row longer than 512 tokens
+    return path
+
+
+@pytest.mark.parametrize("name", CHEAP)
+def test_plan_within_15_percent_of_measured_peak_rss(workdir, name):
+    case = next(c for c in CONFIGS if c["name"] == name)
+    row = measure_case(case, workdir, steps=2)
+    assert abs(row["error_percent"]) <= 15.0, row
