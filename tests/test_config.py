@@ -19,9 +19,10 @@ from qlorakit.config import (
     save_config,
 )
 
-# DESIGN.md "Training config", plus the keys the issues need (use_rslora, tensorboard, skip_nonfinite).
+# DESIGN.md "Training config", plus the keys the issues need (use_rslora, tensorboard, skip_nonfinite,
+# allow_pickle_weights).
 DESIGN_DEFAULTS = yaml.safe_load("""
-model:   {name: smollm2, dtype: bf16}
+model:   {name: smollm2, dtype: bf16, allow_pickle_weights: false}
 quant:   {method: nf4, double_quant: true, group_size: 64, quantize_lm_head: false}
 adapter: {kind: lora, r: 16, alpha: 32, dropout: 0.05, targets: all-linear, group_size: null, use_rslora: false}
 data:    {path: data/train.jsonl, format: auto, template: auto, train_on_prompt: false,
