@@ -51,6 +51,32 @@ def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
                           env=env, cwd=cwd, timeout=timeout)
 
 
+# Runs `qlorakit ARGS` with MODULE's FUNCTION (or Class.method) wrapped so that the process SIGKILLs
+# itself right after the wrapped call returns: the crash point is exact and needs no hook in qlorakit.
+_KILL_AFTER = """
+import importlib, os, signal, sys
+owner = importlib.import_module(sys.argv[1])
+*path, name = sys.argv[2].split(".")
+for part in path:
+    owner = getattr(owner, part)
+original = getattr(owner, name)
+def killed_after(*args, **kwargs):
+    original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(owner, name, killed_after)
+from qlorakit.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def run_cli_killed_after(module: str, function: str, *args, timeout=300) -> subprocess.CompletedProcess:
+    """`qlorakit ARGS`, killed with SIGKILL as soon as `module.function` returns (returncode -9);
+    `function` may be dotted (`GGUFWriter.write_ti_data_to_file`)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-c", _KILL_AFTER, module, function, *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def assert_cli_error(result: subprocess.CompletedProcess, command: str, *needles: str) -> str:
     """Exit 1, no traceback, the last stderr line is the error and names every needle; returns it."""
     stderr = result.stderr.strip()

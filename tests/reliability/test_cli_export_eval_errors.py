@@ -4,9 +4,6 @@ the problem, no traceback, no output left behind, inputs unchanged. Each case ru
 Export needs a merged 16-bit llama directory whose quantization.json names the GGUF it came from;
 here both are tiny: the tiny llama of tests/conftest.py saved as safetensors, and a GGUF holding the
 same tensors written with gguf-py's GGUFWriter. A good export of them succeeds (the control).
-
-Tests that depend on `export --overwrite` (being added to export) are marked `needs_export_overwrite`
-and skipped until the option exists.
 """
 
 from __future__ import annotations
@@ -18,16 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import build_tiny, tiny_llama_config
-from tests.reliability.conftest import QA_ROWS, assert_cli_error, run_cli, snapshot, write_jsonl
-
-
-def _export_has_overwrite() -> bool:
-    from qlorakit.cli import build_parser
-
-    return "--overwrite" in build_parser()._subparsers._group_actions[0].choices["export"].format_help()
-
-
-needs_export_overwrite = pytest.mark.skipif(not _export_has_overwrite(), reason="qlorakit export has no --overwrite yet")
+from tests.reliability.conftest import QA_ROWS, assert_cli_error, run_cli, run_cli_killed_after, snapshot, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +111,6 @@ def test_export_out_under_a_regular_file(exportable, tmp_path):
     assert snapshot(exportable[0], exportable[1]) == before
 
 
-@needs_export_overwrite
 def test_export_existing_out_needs_overwrite(exportable, tmp_path):
     out = tmp_path / "model.gguf"
     out.write_bytes(b"someone else's file")
@@ -132,6 +119,15 @@ def test_export_existing_out_needs_overwrite(exportable, tmp_path):
     result = _export(exportable[0], out, "--overwrite")
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"GGUF" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+def test_export_killed_mid_write_leaves_no_file_at_out(exportable, tmp_path):
+    """SIGKILL after the GGUF header is written: nothing at `out`, only a hidden temporary."""
+    out = tmp_path / "model.gguf"
+    result = run_cli_killed_after("gguf", "GGUFWriter.write_ti_data_to_file", "export", exportable[0],
+                                  "--format", "gguf", "--type", "q8_0", "--out", out)
+    assert result.returncode == -9, result.stderr
+    assert not out.exists() and [p.name.startswith(".model.gguf.tmp-") for p in tmp_path.iterdir()] == [True]
 
 
 # --- eval -------------------------------------------------------------------------------------------

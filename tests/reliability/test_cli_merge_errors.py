@@ -8,7 +8,7 @@ import pytest
 
 from qlorakit.config import config_from_dict
 from qlorakit.train.loop import train
-from tests.reliability.conftest import QA_ROWS, assert_cli_error, run_cli, snapshot, write_jsonl
+from tests.reliability.conftest import QA_ROWS, assert_cli_error, run_cli, run_cli_killed_after, snapshot, write_jsonl
 
 
 def _train(model_dir, data, out):
@@ -141,3 +141,22 @@ def test_damaged_base_model(damage, runs, tmp_path, tiny_model_dir):
     assert_cli_error(run_cli("merge", run, "--out", out, "--dtype", "fp32"), "merge", str(damaged))
     assert not out.exists() and not list(tmp_path.glob(".merged*"))
     assert snapshot(run, base) == before
+
+
+def test_merge_killed_before_the_rename_leaves_no_model_at_out(runs, tmp_path):
+    """Every file written, then SIGKILL: `out` does not exist; the work sits in a hidden temporary."""
+    out = tmp_path / "merged"
+    result = run_cli_killed_after("qlorakit.merge.write", "_write_all", "merge", runs[0], "--out", out, "--dtype", "fp32")
+    assert result.returncode == -9, result.stderr
+    assert not out.exists()
+    (staging,) = tmp_path.glob(".merged.tmp-*")
+    assert (staging / "config.json").exists()  # written completely, yet never at the name asked for
+
+
+def test_merge_killed_while_overwriting_keeps_the_old_model(runs, tmp_path):
+    out = tmp_path / "merged"
+    assert run_cli("merge", runs[0], "--out", out, "--dtype", "fp32").returncode == 0
+    before = snapshot(out)
+    result = run_cli_killed_after("qlorakit.merge.write", "_write_all", "merge", runs[0], "--out", out, "--dtype", "fp32", "--overwrite")
+    assert result.returncode == -9, result.stderr
+    assert snapshot(out) == before

@@ -254,18 +254,30 @@ def test_long_and_fully_masked_rows_are_reported_not_errors(tmp_path, tiny_model
     result = run_cli("train", config, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    summary = next(line for line in result.stderr.splitlines() if line.startswith("data: "))
+    lines = result.stderr.splitlines()
+    summary = next(line for line in lines if line.startswith("data: "))
     assert "1 truncated (" in summary and "1 fully masked" in summary, summary
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    long_row = f"{data}:{len(rows)}"
+    assert any("1 row longer than data.max_length=" in w and f"{long_row} (" in w for w in warnings), warnings
+    assert any("1 row dropped: no trainable token" in w and long_row in w for w in warnings), warnings
     assert snapshot(data) == before
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9 asks for a warning naming each truncated row; the data report "
-                   "counts them only (data/tokenize.py truncated_rows is an int; reported, not fixed here)")
-def test_truncated_rows_are_named(tmp_path, smollm2_tokenizer):
+def test_truncated_rows_are_named_with_their_length(tmp_path, smollm2_tokenizer):
     from qlorakit.data.dataset import build_datasets
 
-    rows = [*QA_ROWS, {"instruction": "long " * 200, "input": "", "output": "short"}]
+    long_prompt = {"instruction": "long " * 200, "input": "", "output": "short"}  # answer cut off: dropped
+    long_answer = {"instruction": "Say it.", "input": "", "output": "word " * 200}  # truncated, still trains
+    rows = [*QA_ROWS, long_prompt, long_answer]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    _, _, report = build_datasets(data, smollm2_tokenizer, max_length=48)
-    assert report.train.truncated_rows == 1
-    assert f"{data}:9" in report.summary()
+    _, _, report = build_datasets(data, smollm2_tokenizer, max_length=48, shuffle_seed=None)
+    assert report.train.truncated_rows == 2
+    length = len(smollm2_tokenizer(long_answer["output"], add_special_tokens=False)["input_ids"])
+    assert [w.split(" (")[0] for w in report.train.truncated] == [f"{data}:{len(rows) - 1}", f"{data}:{len(rows)}"]
+    assert int(report.train.truncated[1].split("(")[1].split(" ")[0].replace(",", "")) > length  # prompt + answer
+    assert report.train.masked_rows == (f"{data}:{len(rows) - 1}",)
+    truncated_line, masked_line = report.warnings(48, show=1)
+    assert truncated_line.startswith("2 rows longer than data.max_length=48 were truncated")
+    assert f"{data}:{len(rows) - 1} (" in truncated_line and truncated_line.endswith(" and 1 more")
+    assert masked_line.startswith("1 row dropped: no trainable token") and masked_line.endswith(f"{data}:{len(rows) - 1}")

@@ -64,6 +64,30 @@ class DataReport:
             text += f"; packed into {self.packed_train} train sequences"
         return text
 
+    def warnings(self, max_length: int, show: int = 5) -> list[str]:
+        """One line per kind of row that did not train whole, naming the rows (the first `show`), e.g.
+        ``2 rows longer than data.max_length=512 were truncated: data/train.jsonl:9 (1,204 tokens), ...``."""
+        reports = [r for r in (self.train, self.val) if r is not None]
+        cut = [where for r in reports for where in r.truncated]
+        masked = [where for r in reports for where in r.masked_rows]
+        lines = []
+        if cut:
+            lines.append(f"{_rows(cut)} longer than data.max_length={max_length} were truncated (the head is kept): "
+                         + _name_some(cut, show))
+        if masked:
+            lines.append(f"{_rows(masked)} dropped: no trainable token (no assistant turn or completion, or "
+                         f"truncation cut it off): " + _name_some(masked, show))
+        return lines
+
+
+def _rows(items: list) -> str:
+    return f"{len(items)} row" + ("" if len(items) == 1 else "s")
+
+
+def _name_some(items: list[str], show: int) -> str:
+    more = len(items) - show
+    return ", ".join(items[:show]) + (f" and {more} more" if more > 0 else "")
+
 
 def build_datasets(
     path: str | Path,

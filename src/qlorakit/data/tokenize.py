@@ -43,6 +43,7 @@ class TokenizeReport:
         tokens_lost: tokens cut by truncation.
         masked_rows: locations (``"data/train.jsonl:4"``) of rows whose labels were all -100
             after truncation; they are dropped because they carry no loss.
+        truncated: the truncated rows, each as location and length (``"data/train.jsonl:9 (612 tokens)"``).
     """
 
     rows: int
@@ -51,6 +52,7 @@ class TokenizeReport:
     truncated_rows: int
     tokens_lost: int
     masked_rows: tuple[str, ...]
+    truncated: tuple[str, ...] = ()
 
 
 def encode_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[bool]]:
@@ -116,13 +118,14 @@ def tokenize_rows(
     """
     if max_length is not None and max_length < 2:
         raise DataError(f"data.max_length: must be at least 2, got {max_length}")
-    examples, masked = [], []
+    examples, masked, cut = [], [], []
     tokens = trainable_tokens = truncated = lost = 0
     for segments, where in zip(rendered, locations):
         ids, trainable = encode_segments(segments, tokenizer)
         labels = make_labels(ids, trainable, train_on_prompt)
         if max_length is not None and len(ids) > max_length:
             truncated += 1
+            cut.append(f"{where} ({len(ids):,} tokens)")
             lost += len(ids) - max_length
             ids, labels = ids[:max_length], labels[:max_length]
         n_train = sum(label != IGNORE_INDEX for label in labels)
@@ -138,6 +141,6 @@ def tokenize_rows(
             f"that does not match the rows, or max_length={max_length} cutting off every response); "
             "nothing to train on"
         )
-    report = TokenizeReport(len(rendered), tokens, trainable_tokens, truncated, lost, tuple(masked))
+    report = TokenizeReport(len(rendered), tokens, trainable_tokens, truncated, lost, tuple(masked), tuple(cut))
     return examples, report
 

@@ -167,7 +167,10 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         d.path, tokenizer, format=d.format, template=d.template, train_on_prompt=d.train_on_prompt,
         max_length=d.max_length, packing=d.packing, val_fraction=d.val_fraction, limit=d.limit, shuffle_seed=d.shuffle_seed,
     )
-    _log(f"data: {report.summary()}")
+    if world.is_main:
+        _log(f"data: {report.summary()}")
+        for line in report.warnings(d.max_length):
+            _log(f"warning: {line}")
 
     # 2. The model: quantized base, frozen, with adapters in fp32.
     torch.manual_seed(t.seed)

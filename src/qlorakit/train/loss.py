@@ -33,6 +33,23 @@ PLAIN_HEAD_MODELS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM
                      "Phi3ForCausalLM", "GPT2LMHeadModel"}
 
 
+def _chunk_loss(hidden: Tensor, weight: Tensor, target: Tensor, scale: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Σ cross-entropy of one chunk and, if `need_grad`, its ∂L/∂hidden (c, d).
+
+    hidden: (c, d); weight: (V, d); target: (c,). A function of its own so that the chunk's
+    (c, V) logits are freed on return, before the next chunk's are allocated.
+    """
+    logits = (hidden @ weight.t()).float()  # (c, V), as transformers up-casts
+    lse = torch.logsumexp(logits, dim=-1)  # (c,)
+    loss_sum = (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+    if not need_grad:
+        return loss_sum, None
+    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
+    probs[torch.arange(target.numel(), device=probs.device), target] -= 1.0
+    probs *= scale
+    return loss_sum, probs.to(weight.dtype) @ weight  # (c, V) @ (V, d)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, scale: Tensor, chunk: int, need_grad: bool) -> Tensor:
@@ -43,15 +60,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad = torch.zeros_like(flat) if need_grad else None
         for start in range(0, rows.numel(), chunk):
             index = rows[start : start + chunk]  # (c,)
-            logits = (flat[index] @ weight.t()).float()  # (c, V), as transformers up-casts
-            target = targets[index]
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            loss_sum, grad_rows = _chunk_loss(flat[index], weight, targets[index], scale, need_grad)
+            total += loss_sum
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
-                probs[torch.arange(index.numel(), device=probs.device), target] -= 1.0
-                probs *= scale
-                grad[index] = (probs.to(weight.dtype) @ weight).to(flat.dtype)  # (c, V) @ (V, d)
+                grad[index] = grad_rows.to(flat.dtype)
         ctx.save_for_backward(grad)
         ctx.shape = hidden.shape
         return total * scale
