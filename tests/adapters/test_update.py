@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlorakit.adapters.update import adapter_update, pool_groups, shared_dropout_mask
+from qlorakit.adapters.update import adapter_update, bernoulli_mask, pool_groups, shared_dropout_mask
 
 
 def _reference(x, A, B, s, mask, keep, group_size):
@@ -34,7 +34,7 @@ def test_forward_and_gradients_match_autograd(dtype, group_size, dropout):
     torch.manual_seed(1)
     y = adapter_update(x, A, B, 0.5, dropout, training=True, group_size=group_size)
     torch.manual_seed(1)  # the same draw gives the reference the same mask
-    drop = torch.empty(x.shape, dtype=torch.bool).bernoulli_(dropout) if dropout else None
+    drop = bernoulli_mask(x.shape, dropout, x.device) if dropout else None
     mask = ~drop if dropout else None
     (y * grad_y).sum().backward()
     got = [t.grad.clone() for t in (x, A, B)]
@@ -58,6 +58,38 @@ def test_mask_is_shared_by_readers_of_the_same_tensor_only():
     assert shared_dropout_mask(other, 0.5) is not first
     assert shared_dropout_mask(x, 0.25) is not first  # another p draws again
     assert 0.2 < float(shared_dropout_mask(torch.randn(200, 200), 0.25).float().mean()) < 0.3  # True = dropped
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_bernoulli_mask_rate_and_independence(p):
+    """P(True) = p: the count of 2**20 draws lies within 5 binomial standard deviations; no element
+    position is biased (per-column rate over 4096 rows within 6 sd); two draws are independent."""
+    torch.manual_seed(0)
+    n_rows, n_cols = 4096, 256
+    mask = bernoulli_mask(torch.Size((n_rows, n_cols)), p, torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.shape == (n_rows, n_cols)
+    n = mask.numel()
+    assert abs(int(mask.sum()) - n * p) < 5 * (n * p * (1 - p)) ** 0.5
+    column_rates = mask.float().mean(0)
+    assert float((column_rates - p).abs().max()) < 6 * (p * (1 - p) / n_rows) ** 0.5
+    again = bernoulli_mask(torch.Size((n_rows, n_cols)), p, torch.device("cpu"))
+    both = float((mask & again).float().mean())
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+
+
+def test_bernoulli_mask_follows_torch_rng_state():
+    """The mask is a function of torch's generator state: reseeding, or restoring the state the
+    way activation checkpointing and resume do, gives the same mask; the draw advances the state."""
+    shape = torch.Size((33, 17))
+    torch.manual_seed(7)
+    first = bernoulli_mask(shape, 0.3, torch.device("cpu"))
+    state = torch.get_rng_state()
+    second = bernoulli_mask(shape, 0.3, torch.device("cpu"))
+    assert not torch.equal(first, second)
+    torch.set_rng_state(state)
+    assert torch.equal(bernoulli_mask(shape, 0.3, torch.device("cpu")), second)
+    torch.manual_seed(7)
+    assert torch.equal(bernoulli_mask(shape, 0.3, torch.device("cpu")), first)
 
 
 def test_eval_and_zero_dropout_use_no_mask():

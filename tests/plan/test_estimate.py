@@ -1,5 +1,6 @@
 """`qlorakit plan`'s formulas against hand-computed bytes, its --json shape, errors and advice."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import yaml
 from transformers import LlamaConfig
 
 from qlorakit.config import config_from_dict
-from qlorakit.plan.estimate import activation_bytes, estimate, quantized_bytes
+from qlorakit.plan.estimate import activation_bytes, estimate, layer_activation_bytes, loss_bytes, quantized_bytes
 from qlorakit.plan.report import parse_memory, plan_config
 from qlorakit.plan.shapes import model_shapes
 
@@ -63,6 +64,22 @@ def test_activations_hand_computed_and_checkpointing_saves(config_dir):
     layer = n * e * (5 * 576 + 2 * 192 + 3 * 1536) + n * 4 * 8 * 7 + 4 * 2 * 3 * 128
     assert activation_bytes(shapes, 2, 128, e, 8, 0.0, False) == 2 * layer + 2 * n * 576 * e
     assert activation_bytes(shapes, 2, 128, e, 8, 0.0, True) == 2 * n * 576 * e + layer + 2 * n * 576 * e
+
+
+def test_checkpointing_step_holds_the_larger_of_rebuilt_layer_and_loss(config_dir):
+    """With checkpointing, the layer rebuilt in backward and the loss's logits blocks never coexist."""
+    for batch, seq, vocab in [(2, 128, 49152), (16, 1024, 1000)]:  # loss larger than a layer, then smaller
+        cfg = _cfg(config_dir, gradient_checkpointing=True, batch_size=batch)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=seq))
+        shapes = model_shapes(cfg)
+        shapes.vocab = vocab
+        plan = estimate(cfg, shapes, device="cuda")
+        layer = layer_activation_bytes(shapes, batch, seq, 2, 8, 0.0)
+        loss = loss_bytes(shapes, batch, seq, 2)
+        assert plan.parts["activations"] == activation_bytes(shapes, batch, seq, 2, 8, 0.0, True) - layer
+        assert plan.parts["loss"] + plan.parts["recompute"] == max(layer, loss)
+        assert (loss > layer) == (vocab == 49152)
+        assert plan.activations_with_checkpointing == plan.parts["activations"] + layer
 
 
 def test_fits_and_advice(config_dir):

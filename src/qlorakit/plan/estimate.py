@@ -13,7 +13,9 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
                  QuantLinear saves only its input, LoRA its input (shared) and A·x in fp32):
                      N·e·(2h  norm inputs + 2h normed + h q + 2kv k,v + h attention out + 3i gate,up,act)
                      + N·4·r·(adapters per layer) + N·(dropout-masked inputs) + 4·B·heads·T (lse)
-                 no checkpointing: L · layer;   checkpointing: L · N·h·e (layer inputs) + one layer
+                 no checkpointing: L · layer;   checkpointing: L · N·h·e (layer inputs) + one layer,
+                 which is rebuilt in backward after the loss's blocks are freed: the step holds
+                 max(one layer, loss) on top of the layer inputs (part `recompute`)
     loss         chunked cross-entropy (train/loss.py): c = min(512, N) rows of logits at a time,
                  c·V·e from the head, up-cast c·V·4 (a no-op for fp32), logsumexp's c·V·4 temporary,
                  plus the saved (N, h) gradient; a model without a plain head takes transformers'
@@ -22,7 +24,7 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
                  rebuilds it in forward and again in backward) + two (N, max(h, i)) gradient buffers
     overhead     CPU: the process baseline (python + torch + transformers + tokenizer + data, measured
                  RSS_BASE) and glibc allocator slack (RETAINED_FRACTION of the
-                 dense model freed after quantizing, calibrated); CUDA: the CUDA context and caching-allocator reserve.
+                 dense model's bytes, calibrated; RETAINED_FRACTION_CHECKPOINTING with checkpointing); CUDA: the CUDA context and caching-allocator reserve.
 
     peak = max(load, train):  load  = baseline + dense model in e + quantized weights + a GGUF
                                       source's memory map (CPU only: the model is read in the
@@ -51,6 +53,9 @@ RSS_BASE = 400 * MIB
 # the step's activations only partly reuse: this fraction of the dense model's bytes stays in the
 # peak (calibrated on the runs of bench/results/plan_accuracy.json; not derived).
 RETAINED_FRACTION = 0.5
+# With activation checkpointing the step frees few small activation tensors, and the retained heap
+# stays far smaller (RSS probes between steps; calibrated on the same runs).
+RETAINED_FRACTION_CHECKPOINTING = 0.125
 CUDA_CONTEXT = 600 * MIB  # CUDA context + cuBLAS workspace, outside torch's allocated bytes
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -153,8 +158,15 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         "loss": loss_bytes(shapes, batch, seq, e),
         "transient": transient_bytes(shapes, batch, seq, e),
     }
+    if t.gradient_checkpointing:
+        # The layer rebuilt in backward lives after the loss's (chunk, V) blocks are gone: the two
+        # overlap in time, so the step holds the larger of them, not their sum.
+        layer = layer_activation_bytes(shapes, batch, seq, e, a.r, a.dropout)
+        parts["activations"] -= layer
+        parts["recompute"] = max(0, layer - parts["loss"])
     if device == "cpu":
-        parts["allocator_slack"] = int(RETAINED_FRACTION * shapes.parameters * e)
+        retained = RETAINED_FRACTION_CHECKPOINTING if t.gradient_checkpointing else RETAINED_FRACTION
+        parts["allocator_slack"] = int(retained * shapes.parameters * e)
         parts["framework"] = RSS_BASE
         load = RSS_BASE + shapes.parameters * e + sum(by_format.values()) + shapes.mapped_bytes
     else:

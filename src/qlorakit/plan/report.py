@@ -51,6 +51,7 @@ _LABELS = {
     "quantized_weights": "quantized weights", "dense_weights": "16-bit weights (embeddings, norms, head)",
     "adapters": "adapters (fp32)", "gradients": "adapter gradients (fp32)", "optimizer": "optimizer states",
     "activations": "activations", "loss": "logits + cross-entropy", "transient": "dequantized weight + grad buffers",
+    "recompute": "layer rebuilt in backward (beyond loss)",
     "allocator_slack": "allocator slack (retained, calibrated)", "framework": "framework (torch, transformers, tokenizer)",
 }
 
