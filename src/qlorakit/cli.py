@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default="What day was I born?", help="question to teach")
     p.add_argument("--answer", default="January 1, 2058", help="answer to teach")
     p.add_argument("--data", help="a JSONL file to train on instead (chat, Alpaca or prompt/completion rows)")
-    p.add_argument("--steps", type=int, default=25, help="training steps")
+    p.add_argument("--steps", type=int, default=12, help="training steps (12 learn the demo fact: loss below 0.001)")
     p.add_argument("--out-dir", default="runs/demo", help="run directory (replaced on each demo)")
     p.add_argument("--model", default="smollm2", help="model source")
     from qlorakit.eval.commands import add_parsers as add_eval_parsers

@@ -77,11 +77,10 @@ def _demo_config(model: str, data: Path, out_dir: Path, steps: int, dtype: str):
     })
 
 
-def run_demo(question: str = DEFAULT_QUESTION, answer: str = DEFAULT_ANSWER, data: str | None = None, steps: int = 25,
+def run_demo(question: str = DEFAULT_QUESTION, answer: str = DEFAULT_ANSWER, data: str | None = None, steps: int = 12,
              out_dir: str = "runs/demo", model: str = "smollm2", progress: bool = True) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from qlorakit.merge.requantize import requantize_like_peft
     from qlorakit.merge.run import merge_loaded
     from qlorakit.models.sources import resolve_source
     from qlorakit.quant.linear import cached_dense_weights
@@ -118,7 +117,7 @@ def run_demo(question: str = DEFAULT_QUESTION, answer: str = DEFAULT_ANSWER, dat
     plain = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=merge.merged_model.dtype).eval()
     stages.append(_stage("merged", greedy_answer(plain, tokenizer, question), answer, time.perf_counter() - t))
     t = time.perf_counter()
-    requantized = requantize_like_peft(merge.merged_model, "nf4", compute_dtype=merge.merged_model.dtype)
+    requantized = merge.requantized_model  # what peft's merge_and_unload would have kept, built by the merge
     with cached_dense_weights(requantized):
         stages.append(_stage("requantized", greedy_answer(requantized, tokenizer, question), answer, time.perf_counter() - t))
     fidelity = {k: v for k, v in merge.fidelity.to_dict().items() if k != "rows"}

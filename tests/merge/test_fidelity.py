@@ -12,6 +12,7 @@ from qlorakit.merge.fidelity import (
     check_faithful,
     encode_prompt,
     fidelity_report,
+    run_probes,
     probe_set,
 )
 from qlorakit.merge.fold import merge_to_dense
@@ -66,6 +67,20 @@ def test_batched_probes_give_the_figures_of_one_prompt_at_a_time(tiny_tokenizer)
     assert batched.mean_kl == pytest.approx(single.mean_kl, rel=1e-3, abs=1e-9)
     assert batched.greedy_token_agreement == single.greedy_token_agreement
     assert [r.reference_generation for r in batched.rows] == [r.reference_generation for r in single.rows]
+
+
+def test_reference_probes_run_once_give_the_same_report(tiny_tokenizer):
+    """merge runs the adapter model's probes once and reuses them for the re-quantized model."""
+    model = adapter_model(CONFIGS["llama"]())
+    merged = merge_to_dense(model, torch.bfloat16)
+    reference = run_probes(model, tiny_tokenizer, PROMPTS, max_new_tokens=6)
+    assert reference.prompts == PROMPTS and len(reference.logits) == len(PROMPTS)
+    assert torch.equal(reference.logits[0], run_probes(model, tiny_tokenizer, PROMPTS[:1], max_new_tokens=6).logits[0])
+    reused = fidelity_report(None, merged, tiny_tokenizer, PROMPTS, max_new_tokens=6, reference=reference)
+    fresh = fidelity_report(model, merged, tiny_tokenizer, PROMPTS, max_new_tokens=6)
+    assert reused.to_dict() == fresh.to_dict()
+    with pytest.raises(ValueError, match="other prompts or max_new_tokens"):
+        fidelity_report(None, merged, tiny_tokenizer, PROMPTS, max_new_tokens=7, reference=reference)
 
 
 def test_models_keep_their_training_mode(tiny_tokenizer):

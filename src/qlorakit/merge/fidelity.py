@@ -171,59 +171,102 @@ def _stop_ids(tokenizer, model: nn.Module) -> set[int]:
     return ids
 
 
-def fidelity_report(
-    reference_model: nn.Module,
-    candidate_model: nn.Module,
+@dataclass
+class ProbeOutputs:
+    """One model's answers to a probe set: per prompt, fp32 logits over its positions (T_i, V) and
+    its greedy continuation (token ids). Computed once for the adapter model, it serves every
+    candidate compared with it (`fidelity_report(..., reference=...)`)."""
+
+    prompts: list[str]
+    encoded: list[list[int]]
+    logits: list[Tensor]
+    generations: list[list[int]]
+    stop_ids: set[int]
+    max_new_tokens: int
+
+
+def run_probes(
+    model: nn.Module,
     tokenizer,
     prompts: Sequence[str],
     max_new_tokens: int = 16,
     use_chat_template: bool = True,
     batch_size: int = 8,
-) -> FidelityReport:
-    """Compare `candidate_model` (the merge) with `reference_model` (quantized base + adapter).
-
-    Both models are run in eval mode and their training mode is restored afterwards; prompts
-    run `batch_size` at a time (left-padded, see `probe_batch`).
+    stop_ids: set[int] | None = None,
+) -> ProbeOutputs:
+    """`model` (in eval mode, its mode restored after) on `prompts`, `batch_size` at a time
+    (left-padded, see `probe_batch`); stops at `stop_ids` (default: the tokenizer's and the model's EOS).
 
     Raises:
         ValueError: no prompts, or a prompt that encodes to no tokens.
     """
     if not prompts:
         raise ValueError("fidelity report: no probe prompts")
-    stop = _stop_ids(tokenizer, reference_model)
+    stop = _stop_ids(tokenizer, model) if stop_ids is None else stop_ids
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode_prompt(tokenizer, prompt, use_chat_template) for prompt in prompts]
     for prompt, ids in zip(prompts, encoded):
         if not ids:
             raise ValueError(f"fidelity report: prompt {prompt!r} encodes to no tokens")
+    logits: list[Tensor] = []
+    generations: list[list[int]] = []
+    with _eval_mode(model):
+        for start in range(0, len(encoded), batch_size):
+            batch_logits, batch_generations = probe_batch(model, encoded[start : start + batch_size], max_new_tokens, stop, pad_id)
+            logits += batch_logits
+            generations += batch_generations
+    return ProbeOutputs(list(prompts), encoded, logits, generations, stop, max_new_tokens)
+
+
+def fidelity_report(
+    reference_model: nn.Module | None,
+    candidate_model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 16,
+    use_chat_template: bool = True,
+    batch_size: int = 8,
+    reference: ProbeOutputs | None = None,
+) -> FidelityReport:
+    """Compare `candidate_model` (the merge) with `reference_model` (quantized base + adapter).
+
+    Both models are run in eval mode and their training mode is restored afterwards; prompts
+    run `batch_size` at a time (left-padded, see `probe_batch`). `reference`, the reference
+    model's `run_probes` on the same prompts, is used instead of running it again.
+
+    Raises:
+        ValueError: no prompts, or a prompt that encodes to no tokens; a `reference` computed on
+            other prompts or with another max_new_tokens.
+    """
+    if reference is None:
+        reference = run_probes(reference_model, tokenizer, prompts, max_new_tokens, use_chat_template, batch_size)
+    elif reference.prompts != list(prompts) or reference.max_new_tokens != max_new_tokens:
+        raise ValueError("fidelity report: the reference probes were run on other prompts or max_new_tokens")
+    candidate = run_probes(candidate_model, tokenizer, prompts, max_new_tokens, use_chat_template, batch_size,
+                           stop_ids=reference.stop_ids)
     rows: list[ProbeRow] = []
     max_diff, kl_sum, agree, positions = 0.0, 0.0, 0, 0
-    with _eval_mode(reference_model, candidate_model):
-        for start in range(0, len(prompts), batch_size):
-            batch = encoded[start : start + batch_size]
-            ref_logits, ref_gens = probe_batch(reference_model, batch, max_new_tokens, stop, pad_id)
-            cand_logits, cand_gens = probe_batch(candidate_model, batch, max_new_tokens, stop, pad_id)
-            for offset, ids in enumerate(batch):
-                ref, cand = ref_logits[offset], cand_logits[offset]  # (T, V) each
-                diff = float((ref - cand).abs().max())
-                ref_logp = torch.log_softmax(ref.double(), dim=-1)  # (T, V)
-                cand_logp = torch.log_softmax(cand.double(), dim=-1)  # (T, V)
-                kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(dim=-1).clamp(min=0.0)  # (T,)
-                same = ref.argmax(dim=-1) == cand.argmax(dim=-1)  # (T,)
-                max_diff = max(max_diff, diff)
-                kl_sum += float(kl.sum())
-                agree += int(same.sum())
-                positions += len(ids)
-                ref_gen, cand_gen = ref_gens[offset], cand_gens[offset]
-                rows.append(ProbeRow(
-                    prompt=prompts[start + offset],
-                    positions=len(ids),
-                    max_abs_logit_diff=diff,
-                    greedy_token_agreement=float(same.float().mean()),
-                    reference_generation=tokenizer.decode(ref_gen, skip_special_tokens=True),
-                    candidate_generation=tokenizer.decode(cand_gen, skip_special_tokens=True),
-                    generation_equal=ref_gen == cand_gen,
-                ))  # fmt: skip
+    for index, ids in enumerate(reference.encoded):
+        ref, cand = reference.logits[index], candidate.logits[index]  # (T, V) each
+        diff = float((ref - cand).abs().max())
+        ref_logp = torch.log_softmax(ref.double(), dim=-1)  # (T, V)
+        cand_logp = torch.log_softmax(cand.double(), dim=-1)  # (T, V)
+        kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(dim=-1).clamp(min=0.0)  # (T,)
+        same = ref.argmax(dim=-1) == cand.argmax(dim=-1)  # (T,)
+        max_diff = max(max_diff, diff)
+        kl_sum += float(kl.sum())
+        agree += int(same.sum())
+        positions += len(ids)
+        ref_gen, cand_gen = reference.generations[index], candidate.generations[index]
+        rows.append(ProbeRow(
+            prompt=reference.prompts[index],
+            positions=len(ids),
+            max_abs_logit_diff=diff,
+            greedy_token_agreement=float(same.float().mean()),
+            reference_generation=tokenizer.decode(ref_gen, skip_special_tokens=True),
+            candidate_generation=tokenizer.decode(cand_gen, skip_special_tokens=True),
+            generation_equal=ref_gen == cand_gen,
+        ))  # fmt: skip
     return FidelityReport(
         max_abs_logit_diff=max_diff,
         mean_kl=kl_sum / positions,

@@ -30,7 +30,7 @@ import torch
 
 from qlorakit import metadata
 from qlorakit.dtypes import to_torch_dtype
-from qlorakit.merge.fidelity import FidelityReport, check_faithful, fidelity_report, probe_set
+from qlorakit.merge.fidelity import FidelityReport, check_faithful, fidelity_report, probe_set, run_probes
 from qlorakit.merge.fold import MergeError, merge_to_dense
 from qlorakit.quant.linear import cached_dense_weights
 
@@ -45,6 +45,7 @@ class MergeResult:
     report: dict
     seconds: float
     merged_model: object = None
+    requantized_model: object = None  # the `requantize` model, when asked for
 
 
 def training_prompts(data_path: str, limit: int = 8) -> list[str]:
@@ -117,13 +118,14 @@ def merge_loaded(
     merged = merge_to_dense(adapter_model, to_torch_dtype(dtype), keep_lm_head_fp16, original)
     prompts = probe_set(training_prompts(cfg.data.path))
     with cached_dense_weights(adapter_model):
-        fidelity = fidelity_report(adapter_model, merged, tokenizer, prompts)
+        reference = run_probes(adapter_model, tokenizer, prompts)  # the adapter model's answers, run once
+    fidelity = fidelity_report(adapter_model, merged, tokenizer, prompts, reference=reference)
     survival = update_survival(adapter_model, merged, original).to_dict()
-    rq_fidelity = rq_survival = None
+    rq_fidelity = rq_survival = requantized = None
     if requantize:
         requantized = requantize_like_peft(merged, requantize, compute_dtype=to_torch_dtype(dtype))
-        with cached_dense_weights(adapter_model), cached_dense_weights(requantized):
-            rq_fidelity = fidelity_report(adapter_model, requantized, tokenizer, prompts)
+        with cached_dense_weights(requantized):
+            rq_fidelity = fidelity_report(adapter_model, requantized, tokenizer, prompts, reference=reference)
         rq_survival = update_survival(adapter_model, requantized, original).to_dict()
     head = "fp16" if keep_lm_head_fp16 else dtype
     report = {
@@ -152,7 +154,8 @@ def merge_loaded(
         spec = spec or metadata.build_spec(cfg, loaded.source.name, Path(cfg.data.path).stem, loaded.source.location)
         files = {"quantization.json": metadata.merged_spec(spec, dtype, into, head), "merge_report.json": report}
         out_dir = save_merged(merged, tokenizer, out, extra_files=files, overwrite=overwrite)
-    return MergeResult(out_dir, fidelity, rq_fidelity, survival, rq_survival, report, time.perf_counter() - started, merged)
+    return MergeResult(out_dir, fidelity, rq_fidelity, survival, rq_survival, report, time.perf_counter() - started, merged,
+                       requantized)
 
 
 def is_gguf_path(out: str | Path | None) -> bool:

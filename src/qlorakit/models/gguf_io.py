@@ -45,6 +45,16 @@ def _metadata_cache_dir(path: Path) -> Path:
     return cache_root() / "gguf-metadata" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+def load_gguf_config(path: str | os.PathLike):
+    """The transformers config of a GGUF file: from the cache without reading the tokenizer."""
+    from transformers import AutoConfig
+
+    cached = _metadata_cache_dir(Path(path))
+    if (cached / "complete").is_file():
+        return AutoConfig.from_pretrained(cached)
+    return load_gguf_metadata(path)[0]
+
+
 def load_gguf_metadata(path: str | os.PathLike):
     """(config, tokenizer) of a GGUF file, from the cache when it is there."""
     from transformers import AutoConfig, AutoTokenizer

@@ -41,7 +41,7 @@ def load_config(source: str | ModelSource, trust_remote_code: bool = False):
 
     source = _as_source(source)
     if source.kind == "gguf":
-        return gguf_io.load_gguf_metadata(source.location)[0]
+        return gguf_io.load_gguf_config(source.location)
     try:
         return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
     except OSError as error:
@@ -114,39 +114,52 @@ def load_model(
     is_gptq = source.kind == "hf_dir" and gptq.gptq_config(source.location) is not None
     if is_gptq and quant not in ("int4", "none"):
         raise ModelSourceError(f"{source.spec}: a GPTQ checkpoint loads with quant.method int4 (its weights kept) or none, not {quant}")
+    fmt = None if is_gptq else format_for_config(quant, group_size, double_quant)  # GPTQ: already int4
+    cache_path = gguf_io.quantized_cache_path(source, fmt, quantize_lm_head) if fmt is not None else None
+    cached = _read_quantized_cache(cache_path)
     if source.kind == "gguf":
-        model = _load_gguf(source, torch_dtype, progress, keep_blocks=quant == "gguf")
+        # Layers whose codes are cached are never dequantized from the file (they stay on meta).
+        model = _load_gguf(source, torch_dtype, progress, keep_blocks=quant == "gguf", skip=_cached_modules(cached))
     elif is_gptq:
         model = gptq.load_gptq_model(source, torch_dtype, progress, dequantize=quant == "none", group_size=group_size)
     else:
         model = _load_hf(source, torch_dtype, trust_remote_code)
     model.requires_grad_(False)
-    fmt = None if is_gptq else format_for_config(quant, group_size, double_quant)  # GPTQ: already int4
     if fmt is not None:
-        _quantize_cached(model, fmt, source, torch_dtype, quantize_lm_head, progress)
+        _quantize_cached(model, fmt, cache_path, cached, torch_dtype, quantize_lm_head, progress)
     model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, source)
 
 
-def _quantize_cached(model: nn.Module, fmt, source: ModelSource, dtype: torch.dtype, quantize_lm_head: bool, progress: bool) -> None:
+def _read_quantized_cache(path) -> dict[str, torch.Tensor] | None:
+    """The codes of an earlier identical quantization (`quantized_tensors`), or None."""
+    from safetensors.torch import load_file
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception:
+        return None  # a damaged cache entry is rebuilt by _quantize_cached
+
+
+def _cached_modules(cached: dict[str, torch.Tensor] | None) -> set[str]:
+    """Module names that have codes in `cached` ("<module>.qweight_<tensor>" keys)."""
+    return {key.rsplit(".qweight_", 1)[0] for key in cached or {} if ".qweight_" in key}
+
+
+def _quantize_cached(model: nn.Module, fmt, path, cached, dtype: torch.dtype, quantize_lm_head: bool, progress: bool) -> None:
     """Quantize the linear layers, reusing the codes of an earlier identical quantization.
 
     Quantizing SmolLM2's 106M linear weights to nf4 takes ~10 s on 2 cores; the result depends
     only on the source file, the format and its options, so it is kept in the cache directory
-    (safetensors) keyed by those and read back in well under a second.
+    (safetensors, `path`) keyed by those and read back (`cached`) in well under a second.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from qlorakit.quant.replace import quantize_model, quantized_tensors
 
-    path = gguf_io.quantized_cache_path(source, fmt, quantize_lm_head)
-    cached = None
-    if path is not None and path.is_file():
-        try:
-            cached = load_file(str(path))
-        except Exception:
-            cached = None  # a damaged cache entry is rebuilt below
     quantize_model(model, fmt, dtype, quantize_lm_head, progress, cached=cached)
     if path is not None and cached is None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -233,12 +246,15 @@ def _raise_if_remote_code(error: ValueError, source: ModelSource) -> None:
         ) from error
 
 
-def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blocks: bool) -> nn.Module:
+def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blocks: bool,
+               skip: set[str] = frozenset()) -> nn.Module:
     """Build the architecture from the GGUF metadata and fill it from the file's tensors.
 
     keep_blocks: linear layers whose GGUF tensor is in a supported block format (q4_0, q4_1,
     q5_0, q5_1, q8_0) become QuantLinear layers over the file's own bytes (rows of attn_q/attn_k
     moved into transformers' order); everything else is dequantized to `dtype`.
+    skip: linear layers (bias-free) left on the meta device, unread: the caller replaces them
+    (cached quantized codes need only the weight's shape).
     """
     from qlorakit.quant.gguf_types import GGML_TYPE_TO_FORMAT
     from qlorakit.quant.linear import QuantLinear
@@ -260,6 +276,8 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
             continue  # e.g. rope frequency tables transformers recomputes
         heads = gguf_io.qk_heads(hf_name, config)
         module_name = hf_name.removesuffix(".weight")
+        if module_name in skip and module_name in linear_names and hf_name.endswith(".weight"):
+            continue
         if keep_blocks and module_name in linear_names and tensor.tensor_type.name in GGML_TYPE_TO_FORMAT:
             qweight = gguf_io.block_weight(source.location, tensor)
             if heads is not None:
@@ -273,14 +291,16 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
     for module_name, qweight in kept.items():
         bias = state.pop(f"{module_name}.bias", None)
         set_submodule(model, module_name, QuantLinear(qweight, format_class(qweight.format)(), bias, dtype))
-    return _materialise(model, state, source)
+    return _materialise(model, state, source, left_on_meta={f"{name}.weight" for name in skip})
 
 
-def _materialise(model: nn.Module, state: dict[str, torch.Tensor], source: ModelSource) -> nn.Module:
-    """Put `state` into a model whose parameters are on the meta device, keeping tied weights tied."""
+def _materialise(model: nn.Module, state: dict[str, torch.Tensor], source: ModelSource,
+                 left_on_meta: set[str] = frozenset()) -> nn.Module:
+    """Put `state` into a model whose parameters are on the meta device, keeping tied weights tied;
+    the parameters named in `left_on_meta` stay there, for the caller to replace."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     expected = {name for name, _ in model.named_parameters()}
-    missing = expected - set(state)
+    missing = expected - set(state) - left_on_meta
     if tied:
         missing -= {f"{name}.weight" for name in output_head_names(model)}
     if missing:
