@@ -43,6 +43,19 @@ def test_survival_formulas_on_a_hand_made_example():
     assert math.isnan(layer_survival(torch.zeros(2), torch.zeros(2), torch.ones(2)).kept)
 
 
+def test_survival_sums_match_an_fp64_reference():
+    """fp32 differences with fp64 accumulation give the all-fp64 figures (a bf16 merge of a small update)."""
+    torch.manual_seed(0)
+    w_base = torch.randn(96, 160)
+    delta = torch.randn(96, 160) * 1e-3
+    w_merged = (w_base + delta).to(torch.bfloat16)
+    stats = layer_survival(w_base, delta, w_merged)
+    b, d, m = w_base.double(), delta.double(), w_merged.double()
+    assert stats.dot == pytest.approx(float(((m - b) * d).sum()), rel=1e-6)
+    assert stats.delta_sq == pytest.approx(float((d * d).sum()), rel=1e-6)
+    assert stats.error_sq == pytest.approx(float(((m - b - d) ** 2).sum()), rel=1e-6)
+
+
 class _OneLayer(nn.Module):
     def __init__(self, proj: nn.Module):
         super().__init__()

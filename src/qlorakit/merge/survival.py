@@ -6,7 +6,7 @@ For one layer with base weight W₀ (dequantized, or the original 16-bit weight)
     kept  = ⟨W_m − W₀, ΔW⟩ / ‖ΔW‖²        the share of ΔW's direction that survived (1 = all)
     noise = ‖W_m − (W₀ + ΔW)‖ / ‖ΔW‖       the error, in units of the update (0 = exact)
 
-Inner products and norms are Frobenius (all entries, fp64). Over several layers the figures
+Inner products and norms are Frobenius (all entries, summed in fp64). Over several layers the figures
 treat all weights as one long vector, so a layer counts by the size of its update:
 
     kept  = Σ ⟨W_m − W₀, ΔW⟩ / Σ ‖ΔW‖²,    noise = sqrt(Σ ‖W_m − W₀ − ΔW‖²) / sqrt(Σ ‖ΔW‖²)
@@ -71,13 +71,19 @@ class UpdateSurvival:
 
 
 def layer_survival(w_base: Tensor, delta: Tensor, w_merged: Tensor) -> LayerSurvival:
-    """Sums of the module docstring for one (out_features, in_features) weight, in fp64."""
-    w_base, delta, w_merged = (t.detach().double() for t in (w_base, delta, w_merged))
+    """Sums of the module docstring for one (out_features, in_features) weight.
+
+    Differences and products in fp32 (the weights are fp32, bf16 or fp16, so W_m − W₀ is exact
+    whenever the two are within a factor of 2 of each other, and otherwise off by half an fp32 ulp),
+    sums accumulated in fp64: a quarter of the memory traffic of doing it all in fp64.
+    """
+    w_base, delta, w_merged = (t.detach().float() for t in (w_base, delta, w_merged))
     change = w_merged - w_base  # (out, in)
+    error = change - delta  # (out, in)
     return LayerSurvival(
-        dot=float((change * delta).sum()),
-        delta_sq=float((delta * delta).sum()),
-        error_sq=float(((change - delta) ** 2).sum()),
+        dot=float(torch.sum(change * delta, dtype=torch.float64)),
+        delta_sq=float(torch.sum(delta * delta, dtype=torch.float64)),
+        error_sq=float(torch.sum(error * error, dtype=torch.float64)),
     )
 
 
