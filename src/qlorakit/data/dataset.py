@@ -72,7 +72,8 @@ class DataReport:
         masked = [where for r in reports for where in r.masked_rows]
         lines = []
         if cut:
-            lines.append(f"{_rows(cut)} longer than data.max_length={max_length} were truncated (the head is kept): "
+            lines.append(f"{_rows(cut)} longer than data.max_length={max_length} {'was' if len(cut) == 1 else 'were'} "
+                         "truncated (the head is kept): "
                          + _name_some(cut, show))
         if masked:
             lines.append(f"{_rows(masked)} dropped: no trainable token (no assistant turn or completion, or "

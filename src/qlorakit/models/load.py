@@ -253,8 +253,8 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
     keep_blocks: linear layers whose GGUF tensor is in a supported block format (q4_0, q4_1,
     q5_0, q5_1, q8_0) become QuantLinear layers over the file's own bytes (rows of attn_q/attn_k
     moved into transformers' order); everything else is dequantized to `dtype`.
-    skip: linear layers (bias-free) left on the meta device, unread: the caller replaces them
-    (cached quantized codes need only the weight's shape).
+    skip: linear layers whose weight is left on the meta device, unread (a bias is still read);
+    the caller replaces them (cached quantized codes need only the weight's shape).
     """
     from qlorakit.quant.gguf_types import GGML_TYPE_TO_FORMAT
     from qlorakit.quant.linear import QuantLinear
@@ -276,7 +276,7 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
             continue  # e.g. rope frequency tables transformers recomputes
         heads = gguf_io.qk_heads(hf_name, config)
         module_name = hf_name.removesuffix(".weight")
-        if module_name in skip and module_name in linear_names and hf_name.endswith(".weight"):
+        if module_name in skip:  # a cached layer's weight ("<module>.weight")
             continue
         if keep_blocks and module_name in linear_names and tensor.tensor_type.name in GGML_TYPE_TO_FORMAT:
             qweight = gguf_io.block_weight(source.location, tensor)
