@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlorakit.adapters.update import adapter_update, bernoulli_mask, pool_groups, shared_dropout_mask
+from qlorakit.adapters.update import add_adapter_update_, adapter_update, bernoulli_mask, pool_groups, shared_dropout_mask
 
 
 def _reference(x, A, B, s, mask, keep, group_size):
@@ -105,3 +105,44 @@ def test_pool_groups_is_peft_mean_times_groups():
     x = torch.arange(8.0).reshape(1, 8)
     torch.testing.assert_close(pool_groups(x, 4), torch.tensor([[1.5 * 2, 5.5 * 2]]))
     assert pool_groups(x, None) is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("as_view", [False, True])
+def test_in_place_sum_equals_base_plus_update(dtype, as_view):
+    """add_adapter_update_(base(x), x) = base(x) + update(x), values and every gradient (base
+    weight included), whether the base output is a fresh tensor or a view (GPT-2's Conv1D)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
+    W = torch.randn(12, 16, dtype=dtype, requires_grad=True)
+    A, B = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+    grad_y = torch.randn(2, 5, 12, dtype=dtype)
+
+    def base(inp):
+        out = inp @ W.t()
+        return out.reshape(-1, 12).view(2, 5, 12) if as_view else out
+
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        y0 = base(x)
+        if fused:
+            y = add_adapter_update_(y0, x, A, B, 0.5, 0.3, training=True)
+        else:
+            y = y0 + adapter_update(x, A, B, 0.5, 0.3, training=True).to(dtype)
+        (y.float() * grad_y.float()).sum().backward()
+        results.append([y.detach().clone()] + [t.grad.clone() for t in (x, W, A, B)])
+        for t in (x, W, A, B):
+            t.grad = None
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for name, got, expected in zip(["y", "x", "W", "A", "B"], *results):
+        torch.testing.assert_close(got, expected, **tol, msg=name)
+
+
+def test_in_place_sum_refuses_a_saved_base_output():
+    """If autograd saved the base output, writing into it is caught at backward, never silent."""
+    x = torch.randn(3, 8, requires_grad=True)
+    y0 = torch.tanh(x @ torch.randn(6, 8).t())  # tanh saves its output for backward
+    y = add_adapter_update_(y0, x, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -78,3 +78,14 @@ def test_quant_linear_forward_backward_equal_dense(name, compute_dtype):
     y_ref.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad)
     assert not any(p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("name", ALL_FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_into_a_buffer_equals_a_fresh_one(name, dtype):
+    fmt = get_format(name)
+    q = fmt.quantize(_weight(5))
+    buffer = torch.full(q.shape, float("nan"), dtype=dtype)
+    got = fmt.dequantize(q, dtype, out=buffer)
+    assert got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer, fmt.dequantize(q, dtype))

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from qlorakit.adapters.update import adapter_update
+from qlorakit.adapters.update import add_adapter_update_, adapter_update
 from qlorakit.quant.linear import linear_shape
 
 
@@ -66,14 +66,18 @@ class LoraLinear(nn.Module):
 
     def update(self, x: Tensor) -> Tensor:
         """s · B A dropout(x) in fp32, (..., out_features), saving only x, the mask and A x."""
-        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        return adapter_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling, p, self.training, self.pooling_group_size)
+        return adapter_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout_p(), self.training,
+                              self.pooling_group_size)
+
+    def dropout_p(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)  # (..., out)
         if self.disabled:
             return y
-        return y + self.update(x).to(y.dtype)
+        return add_adapter_update_(y, x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout_p(),
+                                   self.training, self.pooling_group_size)  # y + s·B A dropout(x), into y
 
     def delta_weight(self) -> Tensor:
         """Dense update ΔW = s · B A as (out_features, in_features), fp32."""

@@ -16,6 +16,10 @@ the adapters of q, k and v that read the same tensor cost nothing extra), the dr
     g_A = g_hᵀ pool(x zeroed) / (1 − p)  (r, in or in/G)
     g_x = poolᵀ(g_h A / (1 − p)) zeroed  (..., in), cast to x's dtype
 
+`add_adapter_update_` adds y into the base layer's output in place (one addmm in fp32) instead
+of allocating y and then base + y: two fewer fresh (tokens, out) tensors per adapter, which on
+CPU is two rounds of page faults each (see train/allocator.py).
+
 Gradients match plain autograd on the same mask up to float rounding (tests/adapters/test_update.py).
 """
 
@@ -27,6 +31,8 @@ import weakref
 import numpy as np
 import torch
 from torch import Tensor
+
+from qlorakit.quant.linear import scratch_buffer
 
 
 def pool_groups(x: Tensor, group_size: int | None) -> Tensor:
@@ -51,54 +57,84 @@ _last_zeroed: tuple[weakref.ref, weakref.ref, Tensor] | None = None
 def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None) -> Tensor:
     """pool(x in fp32 with dropped elements zeroed), without the 1/(1 − p) factor. The zeroed x
     is kept for the next caller with the same (x, drop): the adapters of q, k and v share it,
-    in forward and again in backward, instead of zeroing the same tensor three times."""
+    in forward and again in backward, instead of zeroing the same tensor three times. The
+    result is only valid until the next call: use it at once."""
     global _last_zeroed
-    x32 = x.to(torch.float32)
     if drop is None:
-        return pool_groups(x32, group_size)
+        return pool_groups(x.to(torch.float32), group_size)
     cached = _last_zeroed
     if cached is not None and cached[0]() is x and cached[1]() is drop:
         zeroed = cached[2]
     else:
-        zeroed = x32.masked_fill(drop, 0.0)  # (..., in)
+        # Written into this thread's buffer for the shape: every caller consumes it at once (one
+        # matmul), and the cache above always names the buffer's latest contents.
+        zeroed = scratch_buffer(tuple(x.shape), torch.float32, x.device)
+        zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        torch.where(drop, zero, x.to(torch.float32), out=zeroed)  # (..., in)
         _last_zeroed = (weakref.ref(x), weakref.ref(drop), zeroed)
     return pool_groups(zeroed, group_size)
 
 
+def _add_low_rank_(y: Tensor, h: Tensor, lora_B: Tensor) -> None:
+    """y += h Bᵀ in place: y (..., out), h (..., r) fp32, B (out, r) fp32."""
+    if y.dtype == h.dtype and y.is_contiguous():
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), lora_B.t())
+    else:
+        y.add_((h @ lora_B.t()).to(y.dtype))  # a 16-bit y: the update is rounded once, as base + update would be
+
+
 class _AdapterUpdate(torch.autograd.Function):
+    """Returns s·B A pool(x̃) (base_out None) or base_out + s·B A pool(x̃), written into base_out."""
+
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scaling, drop, keep, group_size):
+    def forward(ctx, base_out, x, lora_A, lora_B, scaling, drop, keep, group_size):
         u = _zeroed_input(x, drop, group_size)  # (..., in or in/G), fp32
         h = (u @ lora_A.t()) * (scaling / keep if drop is not None else scaling)  # s·h, (..., r): scaled while small
         ctx.save_for_backward(x, drop, h, lora_A, lora_B)
         ctx.scaling, ctx.keep, ctx.group_size = scaling, keep, group_size
-        return h @ lora_B.t()  # (..., out)
+        if base_out is None:
+            return h @ lora_B.t()  # (..., out)
+        _add_low_rank_(base_out, h, lora_B)
+        ctx.mark_dirty(base_out)
+        return base_out
 
     @staticmethod
     def backward(ctx, grad_y):
         x, drop, h, lora_A, lora_B = ctx.saved_tensors
         s, keep = ctx.scaling, (ctx.keep if drop is not None else 1.0)
+        grad_base = grad_y if ctx.needs_input_grad[0] else None  # y = base_out + update
         grad_y = grad_y.to(torch.float32)
         grad_h = (grad_y @ lora_B) * s  # (..., r)
         grad_B = grad_A = grad_x = None
-        if ctx.needs_input_grad[2]:  # h was saved as s·h
+        if ctx.needs_input_grad[3]:  # h was saved as s·h
             grad_B = grad_y.reshape(-1, grad_y.shape[-1]).t() @ h.reshape(-1, h.shape[-1])  # (out, r)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2]:
             u = _zeroed_input(x, drop, ctx.group_size)  # rebuilt, (..., in or in/G)
             grad_A = (grad_h.reshape(-1, grad_h.shape[-1]).t() @ u.reshape(-1, u.shape[-1])) / keep  # (r, in or in/G)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[1]:
             grad_u = unpool_groups((grad_h / keep) @ lora_A, ctx.group_size)  # (..., in)
             if drop is not None:
                 grad_u = grad_u.masked_fill_(drop, 0.0)
             grad_x = grad_u.to(x.dtype)
-        return grad_x, grad_A, grad_B, None, None, None, None
+        return grad_base, grad_x, grad_A, grad_B, None, None, None, None
 
 
 def adapter_update(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout: float = 0.0,
                    training: bool = False, group_size: int | None = None) -> Tensor:
     """s · B A pool(dropout(x)) in fp32, (..., out_features); see the module docstring."""
     drop = shared_dropout_mask(x, dropout) if training and dropout > 0 else None
-    return _AdapterUpdate.apply(x, lora_A, lora_B, scaling, drop, 1.0 - dropout, group_size)
+    return _AdapterUpdate.apply(None, x, lora_A, lora_B, scaling, drop, 1.0 - dropout, group_size)
+
+
+def add_adapter_update_(base_out: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                        dropout: float = 0.0, training: bool = False, group_size: int | None = None) -> Tensor:
+    """base_out + s · B A pool(dropout(x)), written into `base_out` (the base layer's fresh output,
+    which autograd has not saved) and returned. A view (GPT-2's Conv1D reshapes its addmm) gets
+    the out-of-place sum instead."""
+    if base_out._base is not None:
+        return base_out + adapter_update(x, lora_A, lora_B, scaling, dropout, training, group_size).to(base_out.dtype)
+    drop = shared_dropout_mask(x, dropout) if training and dropout > 0 else None
+    return _AdapterUpdate.apply(base_out, x, lora_A, lora_B, scaling, drop, 1.0 - dropout, group_size)
 
 
 _last_mask: tuple[weakref.ref, float, Tensor] | None = None

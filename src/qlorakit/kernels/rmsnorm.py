@@ -24,17 +24,20 @@ class _RMSNorm(torch.autograd.Function):
         xf = x.to(torch.float32)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)  # (..., d)
+        n = (xf * rstd).to(x.dtype)  # a fresh tensor (x itself is never written)
+        return n.mul_(weight) if n.dtype == torch.promote_types(n.dtype, weight.dtype) else weight * n  # w ⊙ n, (..., d)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, weight, rstd = ctx.saved_tensors
-        n = x.to(torch.float32) * rstd  # (..., d), rebuilt
-        g = (grad_y * weight).to(torch.float32)
-        grad_x = rstd * (g - n * (g * n).mean(-1, keepdim=True))
+        xf = x.to(torch.float32)
+        g = (grad_y * weight).to(torch.float32)  # (..., d)
+        # mean(g ⊙ n) = rstd · mean(g ⊙ x), so ∂L/∂x = rstd · g − x · rstd³ · mean(g ⊙ x)
+        coef = (g * xf).mean(-1, keepdim=True) * rstd.pow(3)  # (..., 1)
+        grad_x = (g * rstd).addcmul_(xf, coef, value=-1.0)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (grad_y * n.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # (d,)
+            grad_w = (grad_y * (xf * rstd).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # (d,)
         return grad_x.to(x.dtype), grad_w, None
 
 

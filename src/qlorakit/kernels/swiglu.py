@@ -5,7 +5,9 @@ arXiv 2002.05202), with an activation that saves only its two inputs.
     ∂L/∂u = ∂L/∂a ⊙ silu(g)
     ∂L/∂g = ∂L/∂a ⊙ u ⊙ σ(g) (1 + g (1 − σ(g)))
 
-Plain autograd keeps g, silu(g) and u; this keeps g and u and rebuilds σ(g) in backward.
+Plain autograd keeps g, silu(g) and u; this keeps g and u and rebuilds silu(g) in backward. The
+backward is four elementwise passes (silu, two products, aten's fused `silu_backward`), each in
+the dtype autograd would use, so gradients equal plain autograd's (tests/kernels/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -19,17 +21,15 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up  # the expression transformers evaluates
+        return F.silu(gate).mul_(up)  # transformers' silu(gate) * up, without a second fresh tensor
 
     @staticmethod
     def backward(ctx, grad_a: Tensor):
         gate, up = ctx.saved_tensors
-        g = gate.to(torch.float32)
-        sig = torch.sigmoid(g)
-        grad = grad_a.to(torch.float32)
-        grad_up = grad * g * sig
-        grad_gate = grad * up.to(torch.float32) * sig * (1 + g * (1 - sig))
-        return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
+        grad_up = F.silu(gate).mul_(grad_a)  # ∂L/∂a ⊙ silu(g)
+        grad_gate = grad_a * up
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)  # ⊙ σ(g) (1 + g (1 − σ(g))), in place
+        return grad_gate, grad_up
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from qlorakit.quant.base import QuantFormat, QuantizationError, QuantizedWeight
+from qlorakit.quant.base import QuantFormat, QuantizationError, QuantizedWeight, written_to
 
 NESTED_GROUP_SIZE = 256  # bitsandbytes' block size for the second (absmax) quantization
 
@@ -146,7 +146,7 @@ class Absmax4bit(QuantFormat):
         nested = t["absmax_code"][t["absmax"].long()]  # (nblocks,)
         return _expand_blockwise(nested, t["absmax_scale"], NESTED_GROUP_SIZE) + t["absmax_offset"]
 
-    def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+    def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
         """Dense weight through bitsandbytes' functional kernel (about 9x faster than
         `dequantize_torch` on a 2-core AVX512 CPU; bit-identical, see tests/quant/test_nf4.py)."""
         from bitsandbytes.functional import QuantState, dequantize_4bit
@@ -167,7 +167,11 @@ class Absmax4bit(QuantFormat):
             offset=offset,
             state2=nested,
         )
-        return dequantize_4bit(t["codes"].view(-1, 1), state)  # (out, in)
+        if out is not None and out.device.type == "cpu":
+            if _cpu_kernel_into(t["codes"], self.absmax(q), self.name, q.group_size, out):
+                return out
+            return written_to(out, dequantize_4bit(t["codes"].view(-1, 1), state))
+        return dequantize_4bit(t["codes"].view(-1, 1), state, out=out)  # (out, in)
 
     def dequantize_torch(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
         """Reference dequantization in plain torch: code[q] * absmax per block."""
@@ -175,3 +179,32 @@ class Absmax4bit(QuantFormat):
         values = self.code().to(codes.device)[codes]  # (out * in,) fp32
         dense = _expand_blockwise(values, self.absmax(q), q.group_size)
         return dense.view(q.shape).to(dtype)  # (out, in)
+
+
+_KERNEL_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _cpu_kernel_into(codes: Tensor, absmax: Tensor, quant_type: str, blocksize: int, out: Tensor) -> bool:
+    """Run bitsandbytes' CPU 4-bit dequantization kernel with `out` as its output buffer.
+
+    bitsandbytes 0.50 registers no CPU `out=` variant of `dequantize_4bit`, so its op always
+    returns a fresh tensor; this calls the same C function its CPU op calls, under the same
+    conditions (uint8 codes, even row length, block size below 2048, fp32 absmax). False, and
+    nothing written, when any of them fails or the library lacks the function: the caller then
+    takes the op's result. Bit-identity with the op is tested (tests/quant/test_contract.py)."""
+    import ctypes
+
+    from bitsandbytes.cextension import lib
+    from bitsandbytes.functional import get_ptr
+
+    suffix = _KERNEL_SUFFIX.get(out.dtype)
+    kernel = getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{suffix}", None) if suffix else None
+    rows, cols = out.shape
+    usable = (kernel is not None and codes.dtype == torch.uint8 and codes.is_contiguous() and out.is_contiguous()
+              and cols % 2 == 0 and blocksize < 2048 and absmax.dtype == torch.float32)
+    if not usable:
+        return False
+    absmax = absmax.contiguous()
+    kernel(get_ptr(codes), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(blocksize), ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+    return True
+

@@ -93,8 +93,11 @@ class QuantFormat(abc.ABC):
         """Quantize a dense (out_features, in_features) weight; any float dtype."""
 
     @abc.abstractmethod
-    def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Return the dense (out_features, in_features) weight in `dtype`."""
+    def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
+        """Return the dense (out_features, in_features) weight in `dtype`.
+
+        With `out` (a contiguous (out_features, in_features) tensor of `dtype`) the weight is
+        written there and `out` is returned; QuantLinear reuses one such buffer per shape."""
 
     def storage_bytes(self, out_features: int, in_features: int) -> tuple[int, int]:
         """(bytes of codes, bytes of per-group statistics) for a weight of this shape, without
@@ -117,3 +120,9 @@ class QuantFormat(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(group_size={self.group_size})"
+
+
+def written_to(out: Tensor | None, dense: Tensor) -> Tensor:
+    """`dense`, or `out` holding a copy of it (for formats that cannot write into `out` directly)."""
+    return dense if out is None else out.copy_(dense)
+

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qlorakit.quant.base import QuantFormat, QuantizationError, QuantizedWeight
+from qlorakit.quant.base import QuantFormat, QuantizationError, QuantizedWeight, written_to
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -77,14 +77,14 @@ class Int4(QuantFormat):
         if q.format != self.name:
             raise QuantizationError(f"int4: cannot read a {q.format!r} weight")
 
-    def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+    def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
         """w = scale * q + min per group, in fp32 (two roundings, no FMA), then cast to `dtype`."""
         self._check(q)
         t = q.tensors
         codes = unpack_int4(t["codes"]).view(q.out_features, -1, q.group_size).float()  # (out, ngroups, G)
         w = codes * t["scales"].float().unsqueeze(-1)  # (out, ngroups, G)
         w += t["mins"].float().unsqueeze(-1)
-        return w.view(q.shape).to(dtype)  # (out, in)
+        return written_to(out, w.view(q.shape).to(dtype))  # (out, in)
 
     def add_group_offset(self, q: QuantizedWeight, offset: Tensor) -> QuantizedWeight:
         """QA-LoRA exact fold: mins <- fp16(mins + offset); codes and scales are shared, not copied.
