@@ -4,7 +4,9 @@
 
 Fixed-length rows are plain text longer than the sequence length, so every row is truncated to
 exactly `seq_len` tokens. Variable-length rows imitate instruction data: lengths drawn from a
-log-normal with a median of 60 tokens (many short rows, a few long ones, capped at `seq_len`).
+log-normal with a median of 60 tokens (many short rows, a few long ones, capped at `seq_len`),
+four times as many tokens as the steps consume: packing chooses from a dataset larger than one
+run, as it does on real data (with exactly the steps' tokens the last bins are part-empty).
 Both are seeded, so every process and every run sees the same rows.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 WORDS = ("the a of to and in is was for on that with as by at from it an be this which or are were has have "
          "model data train time learning weight layer token adapter merge memory group block value number "
          "question answer river city music history science language north winter light paper system").split()
+VARLEN_OVERSUPPLY = 4
 
 
 def _text(rng: random.Random, words: int) -> str:
@@ -33,12 +36,12 @@ def row_lengths(count: int, seq_len: int, seed: int = 0) -> list[int]:
 
 def write_rows(path: Path, *, varlen: bool, seq_len: int, count: int, seed: int = 0) -> Path:
     """A JSONL file of {"text": ...} rows: `count` rows of at least seq_len tokens, or, with
-    varlen, enough instruction-like rows to fill about `count` packed sequences of seq_len."""
+    varlen, enough instruction-like rows to fill about 4 · `count` packed sequences of seq_len."""
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     if varlen:
-        lengths, budget = [], count * seq_len
-        for n in row_lengths(10 * count + 100, seq_len, seed):
+        lengths, budget = [], VARLEN_OVERSUPPLY * count * seq_len
+        for n in row_lengths(10 * VARLEN_OVERSUPPLY * count + 100, seq_len, seed):
             if budget <= 0:
                 break
             lengths.append(n)

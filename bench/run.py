@@ -13,7 +13,8 @@ Reported (medians over rounds; peak RSS is the largest):
   mfu                             achieved FLOPs / the best matmul peak measured in this run (bench/peak.py)
   varlen_tokens_per_s             real (non-padding) tokens/s on instruction-like lengths, packed
   demo_seconds                    `make demo`, end to end
-  load_seconds                    import to NF4 + LoRA ready to train (warm cache; cold in load_seconds_cold)
+  load_seconds                    import to NF4 + LoRA ready to train (warm cache; cold in load_seconds_cold),
+                                  split into load_import_seconds and load_seconds_after_imports
   merge_seconds                   `qlorakit merge` of the demo run (with its fidelity report)
   gguf_merge_seconds              QA-LoRA merge of a GGUF run written as .gguf (with its fidelity report)
   generate_tokens_per_s           greedy generation, NF4 base + adapter, dense weights cached
@@ -161,6 +162,8 @@ def main() -> None:
         "demo_seconds": demo.get("seconds"),
         "load_seconds": _round(load_warm.get("seconds")),
         "load_seconds_cold": _round(load_cold.get("seconds")),
+        "load_import_seconds": _round(load_warm.get("import_seconds")),
+        "load_seconds_after_imports": _round(load_warm.get("after_import_seconds")),
         "merge_seconds": merge.get("wall_seconds") if "error" not in merge else None,
         "merge_seconds_in_process": merge.get("seconds"),
         "gguf_merge_seconds": gguf_merge.get("wall_seconds") if "error" not in gguf_merge else None,
@@ -213,8 +216,10 @@ def format_table(r: dict) -> str:
         ("qlorakit / HF reference", r["speedup_vs_hf_reference"], f"vs HF fp32: {r['speedup_vs_hf_reference_fp32']}"),
         ("variable-length real tokens/s (packed)", r["varlen_tokens_per_s"], f"{r['varlen_vs_fixed']} x fixed-length"),
         ("make demo, seconds", r["demo_seconds"], ""),
-        ("embedded model ready to train, seconds", r["load_seconds"], f"cold cache: {r['load_seconds_cold']}"),
-        ("merge of SmolLM2 (with fidelity report), seconds", r["merge_seconds"], ""),
+        ("embedded model ready to train, seconds", r["load_seconds"], f"of which imports (torch, transformers' Llama, bitsandbytes) {r['load_import_seconds']}, "
+         f"qlorakit's load {r['load_seconds_after_imports']}; cold cache: {r['load_seconds_cold']}"),
+        ("merge of SmolLM2 (with fidelity report), seconds", r["merge_seconds"],
+         f"`qlorakit merge` wall clock; the merge itself (after imports and loading) {r['merge_seconds_in_process']}"),
         ("QA-LoRA GGUF merge + write, seconds", r["gguf_merge_seconds"], ""),
         ("generation tokens/s", r["generate_tokens_per_s"], ""),
     ]

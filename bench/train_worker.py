@@ -41,10 +41,14 @@ def peak_rss_mib() -> float:
 
 
 def run_qlorakit(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="qlk-bench-") as tmp:
+        return _train_in(Path(tmp), args)
+
+
+def _train_in(work: Path, args) -> dict:
     from qlorakit.config import config_from_dict
     from qlorakit.train.loop import train
 
-    work = Path(tempfile.mkdtemp(prefix="qlk-bench-"))
     rows_path = bench_data.write_rows(work / "rows.jsonl", varlen=args.varlen, seq_len=args.seq_len, count=args.batch * (args.steps + args.warmup))
     cfg = config_from_dict({
         "model": {"name": "smollm2", "dtype": args.dtype},

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlorakit.adapters.update import add_adapter_update_, adapter_update, bernoulli_mask, pool_groups, shared_dropout_mask
+from qlorakit.adapters.update import (
+    add_adapter_update_,
+    adapter_update,
+    bernoulli_mask,
+    pack_mask,
+    pack_mask_torch,
+    pool_groups,
+    shared_dropout_mask,
+    unpack_mask,
+    unpack_mask_torch,
+)
 
 
 def _reference(x, A, B, s, mask, keep, group_size):
@@ -146,3 +156,27 @@ def test_in_place_sum_refuses_a_saved_base_output():
     y = add_adapter_update_(y0, x, torch.randn(2, 8), torch.randn(6, 2), 1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 8), (1,), (7, 1536)])
+def test_packed_masks_round_trip_and_agree_with_numpy(shape):
+    """The CPU path is numpy's packbits; the torch path (other devices) must give the same bytes."""
+    import numpy as np
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert packed.tolist() == np.packbits(mask.numpy().reshape(-1), bitorder="little").tolist()
+    assert torch.equal(pack_mask_torch(mask), packed)
+    for unpacked in (unpack_mask(packed, mask.shape), unpack_mask_torch(packed, mask.shape)):
+        assert unpacked.dtype == torch.bool and torch.equal(unpacked, mask)
+
+
+def test_backward_reads_the_packed_mask_saved_by_forward():
+    """Saved tensors: the packed mask (uint8, one bit per element), never the bool mask."""
+    x = torch.randn(4, 64, requires_grad=True)
+    A, B = torch.randn(4, 64, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    y = adapter_update(x, A, B, 1.0, dropout=0.5, training=True)
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert not any(t.dtype == torch.bool for t in saved)
+    assert any(t.dtype == torch.uint8 and t.numel() == x.numel() // 8 for t in saved)

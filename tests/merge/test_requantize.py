@@ -10,7 +10,7 @@ from qlorakit.adapters.inject import adapter_layers
 from qlorakit.adapters.lora import LoraLinear
 from qlorakit.merge.fold import fold_layer, merge_to_dense
 from qlorakit.merge.requantize import requantize_like_peft
-from qlorakit.merge.survival import UpdateSurvival, layer_survival, update_survival
+from qlorakit.merge.survival import UpdateSurvival, layer_survival, update_survival, update_survivals
 from qlorakit.quant.linear import QuantLinear
 from qlorakit.quant.nf4 import NF4_LEVELS
 from qlorakit.quant.registry import get_format
@@ -43,11 +43,13 @@ def test_survival_formulas_on_a_hand_made_example():
     assert math.isnan(layer_survival(torch.zeros(2), torch.zeros(2), torch.ones(2)).kept)
 
 
-def test_survival_sums_match_an_fp64_reference():
-    """fp32 differences with fp64 accumulation give the all-fp64 figures (a bf16 merge of a small update)."""
+@pytest.mark.parametrize("shape", [(96, 160), (1536, 576)])
+def test_survival_sums_match_an_fp64_reference(shape):
+    """fp32 differences and torch's cascaded fp32 sums give the all-fp64 figures (a bf16 merge of a
+    small update), up to SmolLM2's largest projection."""
     torch.manual_seed(0)
-    w_base = torch.randn(96, 160)
-    delta = torch.randn(96, 160) * 1e-3
+    w_base = torch.randn(*shape)
+    delta = torch.randn(*shape) * 1e-3
     w_merged = (w_base + delta).to(torch.bfloat16)
     stats = layer_survival(w_base, delta, w_merged)
     b, d, m = w_base.double(), delta.double(), w_merged.double()
@@ -106,3 +108,14 @@ def test_fold_keeps_the_update_and_requantizing_loses_part_of_it():
     requantized = update_survival(model, requantize_like_peft(merge_to_dense(model, torch.float32), "nf4", torch.float32))
     assert requantized.kept < 0.8 and requantized.noise > 0.5
     assert set(requantized.layers) == set(adapter_layers(model))
+
+
+def test_one_pass_over_several_merged_models_equals_one_call_each():
+    model = adapter_model(CONFIGS["llama"]())
+    dense = merge_to_dense(model, torch.float32)
+    requantized = requantize_like_peft(dense, "nf4", torch.float32)
+    together = update_survivals(model, [dense, requantized])
+    for one, merged in zip(together, [dense, requantized]):
+        alone = update_survival(model, merged)
+        assert one.to_dict() == alone.to_dict()
+    assert together[0].kept != together[1].kept

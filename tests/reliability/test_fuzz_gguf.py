@@ -104,3 +104,18 @@ def test_flipped_header_bytes(valid_gguf, where, mask):
     data = bytearray(valid_gguf)
     data[where] ^= mask
     _check(bytes(data))
+
+
+@pytest.mark.parametrize("field, offset", [("tensor count", 8), ("metadata count", 16)])
+def test_a_huge_count_is_refused_from_the_header(valid_gguf, tmp_path, field, offset):
+    """A count of 2^60 is named as such (gguf-py itself fails later with a bare IndexError)."""
+    data = bytearray(valid_gguf)
+    data[offset : offset + 8] = (1 << 60).to_bytes(8, "little")
+    path = tmp_path / "huge-count.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match="header claims .* more than its .* bytes can hold") as error:
+        gguf_io.open_reader(path)
+    assert str(path) in str(error.value)
+    valid = tmp_path / "ok.gguf"
+    valid.write_bytes(valid_gguf)
+    gguf_io.check_header_counts(valid)  # the untouched file passes

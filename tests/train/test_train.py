@@ -142,3 +142,30 @@ def test_merge_after_train_writes_merged(tiny_model_dir, qa_rows, tmp_path):
     train(cfg, progress=False)
     assert (tmp_path / "run" / "merged" / "merge_report.json").is_file()
     assert (tmp_path / "run" / "merged" / "config.json").is_file()
+
+
+def test_kept_dense_weights_give_the_same_run(tiny_model_dir, qa_rows, tmp_path, monkeypatch):
+    """`keep_dense_weights` (the demo's setting) only saves dequantizations: losses and adapter
+    weights are bit for bit those of a run that dequantizes every use."""
+    from qlorakit.quant.linear import QuantLinear
+
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    calls = {"count": 0}
+    dequantize = QuantLinear._dequantize_for_matmul
+
+    def counted(self):
+        calls["count"] += self.dense_cache is None
+        return dequantize(self)
+
+    monkeypatch.setattr(QuantLinear, "_dequantize_for_matmul", counted)
+    runs = {}
+    for keep in (False, True):
+        calls["count"] = 0
+        out = tmp_path / f"run-{keep}"
+        train(tiny_config(tiny_model_dir, data, out, max_steps=3), progress=False, keep_dense_weights=keep)
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[keep] = (losses, load_file(str(out / "adapter" / "adapter_model.safetensors")), calls["count"])
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1].keys() == runs[False][1].keys()
+    assert all(torch.equal(runs[True][1][k], runs[False][1][k]) for k in runs[False][1])
+    assert runs[False][2] > 0 and runs[True][2] == 0  # every matmul of the kept run used the dense copy

@@ -7,9 +7,11 @@
 
 Plain autograd keeps, per adapter, the fp32 copy of x, the dropped-out x̃ (fp32), the pooled
 input and h. This function keeps x as it arrived (already alive for the rest of the network, so
-the adapters of q, k and v that read the same tensor cost nothing extra), the drop mask as bool
-(one byte per element) and s·h; the zeroed x is rebuilt in backward. The factors s and
-1/(1 − p) are applied to the small (..., r) and (r, in) tensors, never to a (tokens, in or out) one:
+the adapters of q, k and v that read the same tensor cost nothing extra), the drop mask packed
+eight elements to a byte (shared by those adapters too) and s·h; the zeroed x is rebuilt in
+backward. On SmolLM2 at 4 x 256 tokens the packed masks are 12 MiB instead of 100 MiB. The
+factors s and 1/(1 − p) are applied to the small (..., r) and (r, in) tensors, never to a
+(tokens, in or out) one:
 
     g_h = s · g_y B                      (..., r)
     g_B = s · g_yᵀ h                     (out, r)
@@ -68,9 +70,9 @@ def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None) -> Ten
     else:
         # Written into this thread's buffer for the shape: every caller consumes it at once (one
         # matmul), and the cache above always names the buffer's latest contents.
-        zeroed = scratch_buffer(tuple(x.shape), torch.float32, x.device)
+        zeroed = scratch_buffer(tuple(x.shape), torch.float32, x.device)  # None off the CPU: a fresh tensor
         zero = torch.zeros((), dtype=torch.float32, device=x.device)
-        torch.where(drop, zero, x.to(torch.float32), out=zeroed)  # (..., in)
+        zeroed = torch.where(drop, zero, x.to(torch.float32), out=zeroed)  # (..., in)
         _last_zeroed = (weakref.ref(x), weakref.ref(drop), zeroed)
     return pool_groups(zeroed, group_size)
 
@@ -90,7 +92,7 @@ class _AdapterUpdate(torch.autograd.Function):
     def forward(ctx, base_out, x, lora_A, lora_B, scaling, drop, keep, group_size):
         u = _zeroed_input(x, drop, group_size)  # (..., in or in/G), fp32
         h = (u @ lora_A.t()) * (scaling / keep if drop is not None else scaling)  # s·h, (..., r): scaled while small
-        ctx.save_for_backward(x, drop, h, lora_A, lora_B)
+        ctx.save_for_backward(x, None if drop is None else _shared_packed(drop), h, lora_A, lora_B)
         ctx.scaling, ctx.keep, ctx.group_size = scaling, keep, group_size
         if base_out is None:
             return h @ lora_B.t()  # (..., out)
@@ -100,7 +102,8 @@ class _AdapterUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, drop, h, lora_A, lora_B = ctx.saved_tensors
+        x, packed_drop, h, lora_A, lora_B = ctx.saved_tensors
+        drop = None if packed_drop is None else _shared_unpacked(packed_drop, x.shape)
         s, keep = ctx.scaling, (ctx.keep if drop is not None else 1.0)
         grad_base = grad_y if ctx.needs_input_grad[0] else None  # y = base_out + update
         grad_y = grad_y.to(torch.float32)
@@ -173,3 +176,56 @@ def bernoulli_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     bits = np.random.PCG64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]  # 2 per 64-bit draw
     threshold = np.uint32(min(round(p * 2**32), 2**32 - 1))
     return torch.from_numpy(bits < threshold).reshape(shape)
+
+
+_last_packed: tuple[weakref.ref, Tensor] | None = None
+_last_unpacked: tuple[weakref.ref, Tensor] | None = None
+
+
+def _shared_packed(drop: Tensor) -> Tensor:
+    """`pack_mask(drop)`, packed once for all the adapters that share the mask."""
+    global _last_packed
+    if _last_packed is None or _last_packed[0]() is not drop:
+        _last_packed = (weakref.ref(drop), pack_mask(drop))
+    return _last_packed[1]
+
+
+def _shared_unpacked(packed: Tensor, shape: torch.Size) -> Tensor:
+    """`unpack_mask(packed, shape)`, unpacked once for the adapters that share it in backward."""
+    global _last_unpacked
+    if _last_unpacked is None or _last_unpacked[0]() is not packed:
+        _last_unpacked = (weakref.ref(packed), unpack_mask(packed, shape))
+    return _last_unpacked[1]
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A bool tensor as uint8 (⌈numel/8⌉,): element 8k + j of the flattened mask is bit j of byte k
+    (numpy's `packbits(bitorder="little")`, which does it on the CPU)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.numpy().reshape(-1), bitorder="little"))
+    return pack_mask_torch(mask)
+
+
+def unpack_mask(packed: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of `pack_mask`: the bool tensor of `shape`."""
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.numpy(), count=math.prod(shape), bitorder="little")  # 0/1 uint8
+        return torch.from_numpy(bits.view(np.bool_)).reshape(shape)
+    return unpack_mask_torch(packed, shape)
+
+
+def pack_mask_torch(mask: Tensor) -> Tensor:
+    """`pack_mask` in torch ops, for any device (about 20x slower than numpy's on the CPU)."""
+    flat = mask.reshape(-1)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8).view(torch.uint8) << shifts).sum(dim=1, dtype=torch.uint8)  # (numel/8,)
+
+
+def unpack_mask_torch(packed: Tensor, shape: torch.Size) -> Tensor:
+    """`unpack_mask` in torch ops, for any device."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed[:, None] >> shifts) & 1  # (numel/8, 8), 0/1
+    return bits.view(torch.bool).reshape(-1)[: math.prod(shape)].reshape(shape)

@@ -106,7 +106,8 @@ def merge_loaded(
     take the exact fold (`merge_exact`; `dtype` and `keep_lm_head_fp16` do not apply there);
     everything else is the 16-bit merge.
     """
-    from qlorakit.merge.requantize import requantize_like_peft, update_survival
+    from qlorakit.merge.requantize import requantize_like_peft
+    from qlorakit.merge.survival import update_survivals
     from qlorakit.merge.write import save_merged
 
     exact = exact_merge_format(cfg, out, into, requantize, keep_quantized)
@@ -120,13 +121,15 @@ def merge_loaded(
     with cached_dense_weights(adapter_model):
         reference = run_probes(adapter_model, tokenizer, prompts)  # the adapter model's answers, run once
     fidelity = fidelity_report(adapter_model, merged, tokenizer, prompts, reference=reference)
-    survival = update_survival(adapter_model, merged, original).to_dict()
     rq_fidelity = rq_survival = requantized = None
     if requantize:
         requantized = requantize_like_peft(merged, requantize, compute_dtype=to_torch_dtype(dtype))
         with cached_dense_weights(requantized):
             rq_fidelity = fidelity_report(adapter_model, requantized, tokenizer, prompts, reference=reference)
-        rq_survival = update_survival(adapter_model, requantized, original).to_dict()
+    survivals = update_survivals(adapter_model, [merged] + ([requantized] if requantize else []), original)
+    survival = survivals[0].to_dict()
+    if requantize:
+        rq_survival = survivals[1].to_dict()
     head = "fp16" if keep_lm_head_fp16 else dtype
     report = {
         "run": str(cfg.train.output_dir),

@@ -88,10 +88,38 @@ def _write_metadata_cache(target: Path, config, tokenizer) -> None:
         pass  # an unwritable cache only costs time
 
 
+# Smallest encodings in a GGUF header: a tensor info is a name (u64 length + at least 1 byte), u32
+# n_dims, at least one u64 dimension, u32 type and u64 offset; a key-value pair is a key (u64 length
+# + 1 byte), a u32 value type and at least a 1-byte value.
+_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8
+_MIN_KV_BYTES = 8 + 1 + 4 + 1
+_HEADER = 4 + 4 + 8 + 8  # magic, u32 version, u64 tensor count, u64 key-value count
+
+
+def check_header_counts(path: str | os.PathLike) -> None:
+    """Refuse a file whose header claims more tensors or key-value pairs than its size can hold.
+
+    gguf-py walks such a count until its parser runs off the end of the file and fails with an
+    IndexError that names nothing; these 24 bytes name the problem. Byte order as gguf-py
+    detects it: the version read both ways, the one below 65,536 wins.
+    """
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_HEADER)
+    if len(head) < _HEADER or head[:4] != b"GGUF":
+        return  # GGUFReader names a bad magic or a short file itself
+    order = "little" if int.from_bytes(head[4:8], "little") < 65536 else "big"
+    tensors, kvs = int.from_bytes(head[8:16], order), int.from_bytes(head[16:24], order)
+    if tensors * _MIN_TENSOR_INFO_BYTES + kvs * _MIN_KV_BYTES > size - _HEADER:
+        raise GGUFError(f"{path}: header claims {tensors} tensors and {kvs} metadata fields, more than "
+                        f"its {size} bytes can hold (a corrupted or truncated GGUF)")
+
+
 def open_reader(path: str | os.PathLike):
     """gguf.GGUFReader over `path`, with a one-line error for a truncated or corrupted file."""
     from gguf import GGUFReader
 
+    check_header_counts(path)
     try:
         return GGUFReader(str(path))
     except Exception as error:

@@ -12,16 +12,19 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
     activations  per layer, saved for backward (Llama family with qlorakit's fused RMSNorm/SwiGLU;
                  QuantLinear saves only its input, LoRA its input (shared) and A·x in fp32):
                      N·e·(2h  norm inputs + 2h normed + h q + 2kv k,v + h attention out + 3i gate,up,act)
-                     + N·4·r·(adapters per layer) + N·(dropout-masked inputs) + 4·B·heads·T (lse)
+                     + N·4·r·(adapters per layer) + N·(dropout-masked inputs)/8 (bit-packed masks) + 4·B·heads·T (lse)
                  no checkpointing: L · layer;   checkpointing: L · N·h·e (layer inputs) + one layer,
                  which is rebuilt in backward after the loss's blocks are freed: the step holds
                  max(one layer, loss) on top of the layer inputs (part `recompute`)
-    loss         chunked cross-entropy (train/loss.py): c = min(512, N) rows of logits at a time,
-                 c·V·e from the head, up-cast c·V·4 (a no-op for fp32), logsumexp's c·V·4 temporary,
+    loss         chunked cross-entropy (train/loss.py): c = min(256, N) rows of logits at a time,
+                 c·V·e from the head and its in-place fp32 up-cast c·V·4 (one block for fp32),
                  plus the saved (N, h) gradient; a model without a plain head takes transformers'
                  path: N·V·(e + 3·4)
-    transient    the largest quantized layer dequantized (out·in·(4 + e): fp32 then cast; QuantLinear
-                 rebuilds it in forward and again in backward) + two (N, max(h, i)) gradient buffers
+    transient    the dense weights QuantLinear rebuilds for each matmul: on the CPU one reused
+                 buffer per distinct (out, in) shape in e (quant/linear.py scratch_buffer), plus an
+                 fp32 working copy of the largest when e < 4 (formats that dequantize in fp32 first),
+                 and with dropout one fp32 (N, in) buffer per distinct adapter input width; on CUDA
+                 the largest weight in e; plus two (N, max(h, i)) gradient buffers
     overhead     CPU: the process baseline (python + torch + transformers + tokenizer + data, measured
                  RSS_BASE) and glibc allocator slack (RETAINED_FRACTION of the
                  dense model's bytes, calibrated; RETAINED_FRACTION_CHECKPOINTING with checkpointing); CUDA: the CUDA context and caching-allocator reserve.
@@ -45,7 +48,7 @@ from qlorakit.plan.shapes import ModelShapes
 
 MIB = 2**20
 GIB = 2**30
-CHUNK_TOKENS = 512  # train/loss.py CHUNK_TOKENS
+CHUNK_TOKENS = 256  # train/loss.py CHUNK_TOKENS
 # Calibrated on this machine (bench/plan_accuracy.py): RSS after importing torch, transformers,
 # qlorakit's train loop, a Llama class and SmolLM2's tokenizer.
 RSS_BASE = 400 * MIB
@@ -112,7 +115,7 @@ def layer_activation_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, r:
     kv = shapes.kv_heads * shapes.head_dim
     adapters = len(shapes.lora) // max(1, shapes.layers)
     adapter_inputs = sum(in_f for in_f, _ in shapes.lora[:adapters]) if dropout > 0 else 0
-    return (n * e * (5 * h + 2 * kv + 3 * i) + n * 4 * r * adapters + n * adapter_inputs
+    return (n * e * (5 * h + 2 * kv + 3 * i) + n * 4 * r * adapters + n * adapter_inputs // 8
             + 4 * batch * shapes.heads * seq)
 
 
@@ -131,13 +134,21 @@ def loss_bytes(shapes: ModelShapes, batch: int, seq: int, e: int) -> int:
         return n * shapes.vocab * (e + 3 * 4)
     c = min(CHUNK_TOKENS, n)
     upcast = 4 if e != 4 else 0
-    return c * shapes.vocab * (e + upcast + 4) + n * shapes.hidden * e
+    return c * shapes.vocab * (e + upcast) + n * shapes.hidden * e
 
 
-def transient_bytes(shapes: ModelShapes, batch: int, seq: int, e: int) -> int:
-    """Largest dequantized weight (fp32, then cast) + two (N, max(h, i)) gradient buffers."""
+def transient_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, device: str, dropout: float) -> int:
+    """Dense weights rebuilt for matmuls (+ dropout input buffers on the CPU) + two (N, max(h, i))
+    gradient buffers; see the module docstring."""
+    n = batch * seq
     largest = max((o * i for _, o, i in shapes.quantized), default=0)
-    return largest * (4 + (e if e != 4 else 0)) + 2 * batch * seq * max(shapes.hidden, shapes.intermediate) * e
+    gradients = 2 * n * max(shapes.hidden, shapes.intermediate) * e
+    if device != "cpu":
+        return largest * e + gradients
+    distinct = {(o, i) for _, o, i in shapes.quantized}
+    weights = sum(o * i for o, i in distinct) * e + (largest * 4 if e != 4 else 0)
+    dropped_inputs = n * 4 * sum({in_f for in_f, _ in shapes.lora}) if dropout > 0 else 0
+    return weights + dropped_inputs + gradients
 
 
 def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: int = 1, fsdp: bool = False) -> Plan:
@@ -156,7 +167,7 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         "optimizer": trainable * (8 if t.optimizer == "adamw" else 2) // share,
         "activations": activation_bytes(shapes, batch, seq, e, a.r, a.dropout, t.gradient_checkpointing),
         "loss": loss_bytes(shapes, batch, seq, e),
-        "transient": transient_bytes(shapes, batch, seq, e),
+        "transient": transient_bytes(shapes, batch, seq, e, device, a.dropout),
     }
     if t.gradient_checkpointing:
         # The layer rebuilt in backward lives after the loss's (chunk, V) blocks are gone: the two

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -81,12 +82,16 @@ def train_config(model: str, data: Path, out: Path, batch_size: int, max_length:
     }
 
 
-def peak_rss_of_train(config_path: Path, timeout: float = 900) -> int:
-    """Peak RSS in bytes of `python -m qlorakit train CONFIG --overwrite --no-progress`."""
+def peak_rss_of_train(config_path: Path, cache_dir: Path | None = None, timeout: float = 900) -> int:
+    """Peak RSS in bytes of `python -m qlorakit train CONFIG --overwrite --no-progress`, with
+    $QLORAKIT_CACHE at `cache_dir` if given (an empty one: a first run, which quantizes the whole
+    dense model instead of reading cached nf4 codes; the plan covers that run)."""
     command = [sys.executable, "-c", _WRAPPER, sys.executable, "-m", "qlorakit", "train", str(config_path),
                "--overwrite", "--no-progress"]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if cache_dir is not None:
+        env["QLORAKIT_CACHE"] = str(cache_dir)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode:
         raise RuntimeError(f"qlorakit train {config_path} failed: {out.stderr[-2000:]}")
     return int(out.stdout.split()[-1])
@@ -117,8 +122,8 @@ def measure_case(case: dict, workdir: Path, warmup: bool = False, steps: int = 3
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     plan = predicted_peak(path)
     if warmup:
-        peak_rss_of_train(path)
-    measured = peak_rss_of_train(path)
+        peak_rss_of_train(path)  # the page cache warm, as for a user's second command
+    measured = peak_rss_of_train(path, cache_dir=Path(tempfile.mkdtemp(prefix="cold-cache-", dir=workdir)))
     predicted = plan["peak_bytes"]
     return {
         "name": case["name"], "model": case["model"], "batch_size": case["batch_size"], "max_length": case["max_length"],

@@ -61,7 +61,10 @@ def _nearest_code(scaled: Tensor, code: Tensor) -> Tensor:
     """Index into `code` of the nearest entry for each value (a tie goes to the lower entry, as in bitsandbytes)."""
     sorted_code, order = code.sort()
     midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2  # (len(code) - 1,)
-    return order[torch.bucketize(scaled, midpoints)]
+    index = torch.bucketize(scaled, midpoints, out_int32=True)  # into sorted_code
+    if torch.equal(sorted_code, code):  # nf4 and the dynamic 8-bit code are ascending: no gather
+        return index
+    return order[index]
 
 
 def _expand_blockwise(values: Tensor, scales: Tensor, group_size: int) -> Tensor:

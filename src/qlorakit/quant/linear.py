@@ -5,7 +5,7 @@
 The dense weight exists only inside `dequantized_matmul`: it is rebuilt for the forward and
 again for the backward (gradient with respect to x only: the base weight is frozen), so a
 step never keeps a 16-bit copy of the model alive. It is rebuilt into a per-thread buffer, one
-per (shape, dtype, device), so that a step does not fault in fresh pages for every layer's
+per (shape, dtype) on the CPU, so that a step does not fault in fresh pages for every layer's
 weight twice (SmolLM2: 420 dense weights of up to 3.5 MiB per step). Every call order (generate, then train, then
 merge) is correct because the stored codes are never modified in place, unlike bitsandbytes
 0.50.2's `nn.Linear4bit`, which repacks its weight on the first no-grad CPU forward.
@@ -26,11 +26,16 @@ from qlorakit.quant.base import QuantFormat, QuantizedWeight
 _scratch = threading.local()
 
 
-def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """This thread's reusable buffer of `shape` for a tensor that lives for one matmul (a dense
-    weight, a dropped-out adapter input): allocated once, not faulted in again on every use."""
+    weight, a dropped-out adapter input), or None off the CPU. On the CPU a fresh tensor of a
+    few MiB comes from mmap and is faulted in page by page on every use; CUDA's caching
+    allocator already reuses freed blocks, where a persistent buffer would only add memory."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return None
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (shape, dtype, torch.device(device))
+    key = (shape, dtype, device)
     if key not in buffers:
         buffers[key] = torch.empty(shape, dtype=dtype, device=device)
     return buffers[key]
@@ -128,7 +133,7 @@ class QuantLinear(nn.Module):
             return self.dense_cache
         device = self._buffers[f"qweight_{self._tensor_names[0]}"].device
         out = scratch_buffer((self.out_features, self.in_features), self.compute_dtype, device)
-        return self.fmt.dequantize(self.qweight, self.compute_dtype, out=out)
+        return self.fmt.dequantize(self.qweight, self.compute_dtype, out=out)  # out None: a fresh tensor
 
     def forward(self, x: Tensor) -> Tensor:
         y = dequantized_matmul(x.to(self.compute_dtype), self._dequantize_for_matmul)  # (..., out)

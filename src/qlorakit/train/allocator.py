@@ -1,15 +1,17 @@
 """Give freed activation memory back to the operating system during training (glibc only).
 
-glibc's malloc serves allocations above a threshold with mmap and frees them with munmap, but
-it raises that threshold dynamically (up to 32 MiB) each time such a block is freed; after the
-first backward pass most activation tensors (1–10 MiB each) then come from the heap, whose
-freed space stays in the process. Fixing the threshold at 1 MiB keeps every tensor of that size
-on mmap, so the peak resident size tracks the live tensors: on SmolLM2 4 x 256, fp32, it lowered
-the whole-process peak from 3.1 GiB to 2.1 GiB (bench/train_worker.py; `MALLOC_MMAP_THRESHOLD_`
-has the same effect from the environment). The price is page faults on every fresh tensor: about
-3 s of a 7.5 s step there (100 instead of 135 tokens/s). qlorakit takes the predictable memory
-(`qlorakit plan` is calibrated on it); a user who prefers the speed sets the threshold in the
-environment, e.g. `MALLOC_MMAP_THRESHOLD_=33554432`, which this function then leaves alone.
+glibc's malloc serves allocations above a threshold with mmap and frees them with munmap, but it
+raises that threshold dynamically (up to 32 MiB) each time such a block is freed; after the
+first backward pass most activation tensors (1–10 MiB each) then come from the heap, whose freed
+space stays in the process. Fixing the threshold at 1 MiB keeps every tensor of that size on
+mmap, so the peak resident size tracks the live tensors: on SmolLM2 4 x 256, fp32, the whole-
+process peak is 1.9 GiB with it and 2.8 GiB with a 32 MiB threshold (`make bench`, rows qlorakit
+and qlorakit_heap; `MALLOC_MMAP_THRESHOLD_` has the same effect from the environment). The price
+is page faults on every fresh tensor: 132–140 instead of 145–168 tokens/s there (two runs)
+(quantized weights and dropped-out inputs already live in reused buffers, see quant/linear.py
+`scratch_buffer`). qlorakit takes the predictable memory (`qlorakit plan` is calibrated on it);
+a user who prefers the speed sets the threshold in the environment, e.g.
+`MALLOC_MMAP_THRESHOLD_=33554432`, which this function then leaves alone.
 Other C libraries are left alone.
 """
 

@@ -16,6 +16,7 @@ grad_accum=k with batch b gives the same update as one batch of k·b rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -35,6 +36,7 @@ from qlorakit.data.dataset import build_datasets
 from qlorakit.kernels.patch import use_fused_kernels
 from qlorakit.models.load import load_model, load_tokenizer
 from qlorakit.models.sources import resolve_source
+from qlorakit.quant.linear import cached_dense_weights
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.allocator import return_freed_memory_to_os
 from qlorakit.train.distributed import World, init_world, shutdown
@@ -147,7 +149,12 @@ def total_steps(cfg: Config, batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * batches_per_epoch / cfg.train.grad_accum))
 
 
-def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device: str | None = None) -> TrainResult:
+def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device: str | None = None,
+          keep_dense_weights: bool = False) -> TrainResult:
+    """Train `cfg` (module docstring). `keep_dense_weights` keeps every quantized layer's dense
+    weight for the whole run (`cached_dense_weights`: one dequantization per layer instead of two
+    per step, at the cost of a dense copy of the base; same numbers, since the base is frozen);
+    `qlorakit demo` uses it, where the model is small and each step short."""
     started = time.perf_counter()
     t = cfg.train
     run_dir = Path(t.output_dir)
@@ -223,55 +230,57 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
     # 4. The loop.
     model.train()
     first_loss = last_loss = val_loss = None
-    bar = tqdm(total=steps, initial=start_step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
-    for step in range(start_step + 1, steps + 1):
-        step_start = time.perf_counter()
-        lr = lr_at(step, lr=t.lr, total_steps=steps, schedule=t.schedule, warmup_ratio=t.warmup_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches, tokens = [], 0
-        for _ in range(t.grad_accum):
-            micro_batches.append(stream.next())
-            tokens += stream.last_tokens
-        num_items = max(1, world.sum_int(sum(_trained_tokens(b) for b in micro_batches), device))
-        step_loss = 0.0
-        for batch in micro_batches:
-            loss = _forward_loss(model, batch, num_items, device)
-            loss.backward()
-            step_loss += float(loss.detach())
-        world.sum_gradients(params)
-        if world.size > 1:
-            step_loss = _sum_float(step_loss, world, device)
-        grad_norm = _clip(params, t.max_grad_norm)
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+    dense_weights = cached_dense_weights(model) if keep_dense_weights else contextlib.nullcontext()
+    with dense_weights:
+        bar = tqdm(total=steps, initial=start_step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
+        for step in range(start_step + 1, steps + 1):
+            step_start = time.perf_counter()
+            lr = lr_at(step, lr=t.lr, total_steps=steps, schedule=t.schedule, warmup_ratio=t.warmup_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches, tokens = [], 0
+            for _ in range(t.grad_accum):
+                micro_batches.append(stream.next())
+                tokens += stream.last_tokens
+            num_items = max(1, world.sum_int(sum(_trained_tokens(b) for b in micro_batches), device))
+            step_loss = 0.0
+            for batch in micro_batches:
+                loss = _forward_loss(model, batch, num_items, device)
+                loss.backward()
+                step_loss += float(loss.detach())
+            world.sum_gradients(params)
+            if world.size > 1:
+                step_loss = _sum_float(step_loss, world, device)
+            grad_norm = _clip(params, t.max_grad_norm)
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                if not t.skip_nonfinite:
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"step {step}: loss {step_loss} / gradient norm {grad_norm} is not finite; the last good checkpoint "
+                        f"is kept in {run_dir / 'checkpoints'} (set train.skip_nonfinite=true to skip such batches)"
+                    )
+                if log is not None:
+                    log.write({"step": step, "skipped": True, "loss": None, "lr": lr})
+                bar.update(1)
+                continue
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if not t.skip_nonfinite:
-                bar.close()
-                raise NonFiniteLossError(
-                    f"step {step}: loss {step_loss} / gradient norm {grad_norm} is not finite; the last good checkpoint "
-                    f"is kept in {run_dir / 'checkpoints'} (set train.skip_nonfinite=true to skip such batches)"
-                )
-            if log is not None:
-                log.write({"step": step, "skipped": True, "loss": None, "lr": lr})
-            bar.update(1)
-            continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-        seconds = time.perf_counter() - step_start
-        first_loss = step_loss if first_loss is None else first_loss
-        last_loss = step_loss
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
-        bar.update(1)
-        if log is not None and (step % t.log_every == 0 or step == steps):
-            log.write({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / seconds, "tokens": tokens,
-                       "step_seconds": seconds, "grad_norm": grad_norm,
-                       "epoch": stream.epoch + stream.index / max(1, stream.batches_per_epoch)})
-        if log is not None and val_rows and t.eval_every and step % t.eval_every == 0 and step != steps:
-            log.write({"step": step, "val_loss": evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)})
-        if world.is_main and t.save_every and step % t.save_every == 0 and step != steps:
-            ckpt.save_checkpoint(run_dir, step, adapter_state_dict(model), optimizer, stream.position())
-    bar.close()
+            seconds = time.perf_counter() - step_start
+            first_loss = step_loss if first_loss is None else first_loss
+            last_loss = step_loss
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+            bar.update(1)
+            if log is not None and (step % t.log_every == 0 or step == steps):
+                log.write({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / seconds, "tokens": tokens,
+                           "step_seconds": seconds, "grad_norm": grad_norm,
+                           "epoch": stream.epoch + stream.index / max(1, stream.batches_per_epoch)})
+            if log is not None and val_rows and t.eval_every and step % t.eval_every == 0 and step != steps:
+                log.write({"step": step, "val_loss": evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)})
+            if world.is_main and t.save_every and step % t.save_every == 0 and step != steps:
+                ckpt.save_checkpoint(run_dir, step, adapter_state_dict(model), optimizer, stream.position())
+        bar.close()
 
     # 5. Results (rank 0): final checkpoint, adapter, validation loss, loss curve.
     if world.is_main:
