@@ -4,9 +4,11 @@
 
 For each configuration: write a YAML config, run `qlorakit plan --json` for the prediction, run
 `qlorakit train` as a child of a small wrapper process whose RUSAGE_CHILDREN.ru_maxrss is then
-the train process's own peak RSS, and record predicted, measured and error %. SmolLM2 runs are
-preceded by one warm-up run, so that the measured run reads the cached NF4 weights as every
-later run does (the first run quantizes and caches them). Writes bench/results/plan_accuracy.json.
+the train process's own peak RSS, and record predicted, measured and error %. Every measured run
+quantizes into an empty nf4 cache, as a user's first run does (the plan covers that run); SmolLM2
+runs are preceded by one warm-up run, so that the page cache is warm as for a user's second
+command. The plan measures the process baseline on this machine (plan/baseline.py). Writes
+bench/results/plan_accuracy.json.
 """
 
 from __future__ import annotations

@@ -1,17 +1,22 @@
-"""`qlorakit plan` against the measured peak RSS of `qlorakit train` (subprocess, ru_maxrss), within 15%.
+"""`qlorakit plan` within 15% of the measured peak RSS of `qlorakit train` (CPU).
 
 Two cheap configurations of bench/plan_accuracy.py (which also runs the wider and SmolLM2 ones):
 a random 4-layer Llama (hidden 256, SmolLM2's 49,152-token vocabulary) at batch 4 x 256 tokens,
 and at 8 x 512 with gradient checkpointing; two steps each.
 
-A run outside the band is measured once more and the plan is held to the second run: one CI run
-measured the checkpointing case 14% above its usual peak (742 against 625-655 MiB in 19 runs
-here, across hash seeds, page-cache states and fresh virtual environments), an effect of the
-machine's state at that moment, not of the plan. Both runs are in the failure message.
+The plan measures the process baseline (imports and tokenizer) on the machine it runs on
+(plan/baseline.py): CI hosts measured the checkpointing case about 90 MiB above this machine
+(737-742 against 625-655 MiB here) while the plan used the baseline calibrated here. A run outside
+the band is measured once more, and the failure message gives both runs with the predicted parts
+and the measured anonymous / file-backed split. A baseline far from the calibrated one is reported
+as a warning, so that CI's log shows it even when the test passes.
 """
+
+import warnings
 
 import pytest
 
+from qlorakit.plan.estimate import MIB, RSS_BASE
 from qlorakit.plan.measure import CONFIGS, measure_case, write_text_data
 
 CHEAP = ["tiny-h256-L4 b4 T256", "tiny-h256-L4 b8 T512 ckpt"]
@@ -21,8 +26,14 @@ TOLERANCE_PERCENT = 15.0
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("plan-accuracy")
-    write_text_data(path / "text.jsonl", rows=16, words=700)  # every row longer than 512 tokens
+    write_text_data(path / "text.jsonl")
     return path
+
+
+def _summary(row: dict) -> str:
+    return (f"predicted {row['predicted_mib']:.0f} MiB {row['predicted_parts_mib']}, measured {row['measured_mib']:.0f} MiB "
+            f"(anon {row['measured_anon_mib']}, file {row['measured_file_mib']} near the peak), "
+            f"error {row['error_percent']:+.1f}%")
 
 
 @pytest.mark.parametrize("name", CHEAP)
@@ -31,5 +42,8 @@ def test_plan_within_15_percent_of_measured_peak_rss(workdir, name):
     rows = [measure_case(case, workdir, steps=2)]
     if abs(rows[0]["error_percent"]) > TOLERANCE_PERCENT:
         rows.append(measure_case(case, workdir, steps=2))
-    summary = [(round(r["predicted_mib"]), round(r["measured_mib"]), round(r["error_percent"], 1)) for r in rows]
-    assert abs(rows[-1]["error_percent"]) <= TOLERANCE_PERCENT, f"(predicted MiB, measured MiB, error %) per run: {summary}"
+    baseline = rows[-1]["predicted_parts_mib"]["framework"]
+    if abs(baseline - RSS_BASE / MIB) > 0.1 * RSS_BASE / MIB:
+        warnings.warn(f"{name}: process baseline {baseline:.0f} MiB measured on this host against {RSS_BASE / MIB:.0f} "
+                      f"calibrated; {_summary(rows[-1])}", stacklevel=1)
+    assert abs(rows[-1]["error_percent"]) <= TOLERANCE_PERCENT, " | ".join(_summary(r) for r in rows)

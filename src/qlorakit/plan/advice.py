@@ -40,7 +40,7 @@ def advise(cfg: Config, shapes: ModelShapes, plan: Plan) -> list[dict]:
                         gpus, True))
     out = []
     for change, changed, processes, fsdp in options:
-        p = estimate(changed, shapes, device, processes, fsdp)
+        p = estimate(changed, shapes, device, processes, fsdp, rss_base=plan.parts["framework"])
         out.append({"change": change, "peak_bytes": p.peak_bytes, "saves_bytes": plan.peak_bytes - p.peak_bytes,
                     "fits": None if plan.gpu_memory is None else p.peak_bytes <= plan.gpu_memory})
     if device != "cpu":

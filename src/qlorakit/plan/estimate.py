@@ -25,9 +25,11 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
                  fp32 working copy of the largest when e < 4 (formats that dequantize in fp32 first),
                  and with dropout one fp32 (N, in) buffer per distinct adapter input width; on CUDA
                  the largest weight in e; plus two (N, max(h, i)) gradient buffers
-    overhead     CPU: the process baseline (python + torch + transformers + tokenizer + data, measured
-                 RSS_BASE) and glibc allocator slack (RETAINED_FRACTION of the
-                 dense model's bytes, calibrated; RETAINED_FRACTION_CHECKPOINTING with checkpointing); CUDA: the CUDA context and caching-allocator reserve.
+    overhead     CPU: the process baseline (python + torch + transformers + tokenizer: `rss_base`, which
+                 `qlorakit plan` measures on the user's machine, plan/baseline.py) and glibc
+                 allocator slack (RETAINED_FRACTION of the dense model's bytes, calibrated;
+                 RETAINED_FRACTION_CHECKPOINTING with checkpointing); CUDA: the CUDA context and
+                 caching-allocator reserve.
 
     peak = max(load, train):  load  = baseline + dense model in e + quantized weights + a GGUF
                                       source's memory map (CPU only: the model is read in the
@@ -49,8 +51,9 @@ from qlorakit.plan.shapes import ModelShapes
 MIB = 2**20
 GIB = 2**30
 CHUNK_TOKENS = 256  # train/loss.py CHUNK_TOKENS
-# Calibrated on this machine (bench/plan_accuracy.py): RSS after importing torch, transformers,
-# qlorakit's train loop, a Llama class and SmolLM2's tokenizer.
+# The process baseline where it is not measured (plan/baseline.py measures it for `qlorakit plan`):
+# RSS after importing torch, transformers, qlorakit's train loop, a Llama class and SmolLM2's
+# tokenizer on the machine the plan was calibrated on (bench/plan_accuracy.py).
 RSS_BASE = 400 * MIB
 # glibc keeps much of the dense model freed after quantization as fragmented, resident heap that
 # the step's activations only partly reuse: this fraction of the dense model's bytes stays in the
@@ -151,8 +154,10 @@ def transient_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, device: s
     return weights + dropped_inputs + gradients
 
 
-def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: int = 1, fsdp: bool = False) -> Plan:
-    """The plan of `cfg` on `device` ("cpu" or "cuda") with `processes` ranks (see module docstring)."""
+def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: int = 1, fsdp: bool = False,
+             rss_base: int = RSS_BASE) -> Plan:
+    """The plan of `cfg` on `device` ("cpu" or "cuda") with `processes` ranks (see module docstring);
+    `rss_base` is the CPU process baseline (plan/baseline.py measures it; RSS_BASE where calibrated)."""
     e = DTYPE_BYTES[cfg.model.dtype]
     t, a = cfg.train, cfg.adapter
     batch, seq = t.batch_size, cfg.data.max_length
@@ -178,8 +183,8 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
     if device == "cpu":
         retained = RETAINED_FRACTION_CHECKPOINTING if t.gradient_checkpointing else RETAINED_FRACTION
         parts["allocator_slack"] = int(retained * shapes.parameters * e)
-        parts["framework"] = RSS_BASE
-        load = RSS_BASE + shapes.parameters * e + sum(by_format.values()) + shapes.mapped_bytes
+        parts["framework"] = rss_base
+        load = rss_base + shapes.parameters * e + sum(by_format.values()) + shapes.mapped_bytes
     else:
         parts["framework"] = CUDA_CONTEXT
         load = 0  # the model is read on the host and moved: the device sees only its final size

@@ -1,8 +1,9 @@
 """Measure the whole-process peak RSS of `qlorakit train`, for checking `plan` against it.
 
-A wrapper interpreter runs `python -m qlorakit train ...` as its only child and prints its own
-`getrusage(RUSAGE_CHILDREN).ru_maxrss` (KiB on Linux): the largest resident set the train
-process ever had, allocator slack, import baseline and data included. Used by
+A wrapper interpreter (plan/child_peak.py) runs `python -m qlorakit train ...` as its only child
+and prints its own `getrusage(RUSAGE_CHILDREN).ru_maxrss`: the largest resident set the train
+process ever had, allocator slack, import baseline and data included, with the anonymous and
+file-backed parts sampled near that peak. Used by
 bench/plan_accuracy.py and tests/plan/test_plan_accuracy.py.
 """
 
@@ -17,13 +18,6 @@ from pathlib import Path
 
 import yaml
 
-_WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
-    "sys.stderr.write(code.stderr[-3000:] if code.returncode else '')\n"
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
-    "sys.exit(code.returncode)\n"
-)
 
 # Configurations differing in model, batch size, max_length and checkpointing (bench/plan_accuracy.py).
 CONFIGS: list[dict] = [
@@ -82,19 +76,20 @@ def train_config(model: str, data: Path, out: Path, batch_size: int, max_length:
     }
 
 
-def peak_rss_of_train(config_path: Path, cache_dir: Path | None = None, timeout: float = 900) -> int:
-    """Peak RSS in bytes of `python -m qlorakit train CONFIG --overwrite --no-progress`, with
+def peak_rss_of_train(config_path: Path, cache_dir: Path | None = None, timeout: float = 900) -> dict:
+    """child_peak's record {peak_bytes, anon_mib, file_mib} of `python -m qlorakit train CONFIG
+    --overwrite --no-progress`, with
     $QLORAKIT_CACHE at `cache_dir` if given (an empty one: a first run, which quantizes the whole
     dense model instead of reading cached nf4 codes; the plan covers that run)."""
-    command = [sys.executable, "-c", _WRAPPER, sys.executable, "-m", "qlorakit", "train", str(config_path),
-               "--overwrite", "--no-progress"]
+    command = [sys.executable, "-m", "qlorakit.plan.child_peak", sys.executable, "-m", "qlorakit", "train",
+               str(config_path), "--overwrite", "--no-progress"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if cache_dir is not None:
         env["QLORAKIT_CACHE"] = str(cache_dir)
     out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode:
         raise RuntimeError(f"qlorakit train {config_path} failed: {out.stderr[-2000:]}")
-    return int(out.stdout.split()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def predicted_peak(config_path: Path) -> dict:
@@ -123,13 +118,15 @@ def measure_case(case: dict, workdir: Path, warmup: bool = False, steps: int = 3
     plan = predicted_peak(path)
     if warmup:
         peak_rss_of_train(path)  # the page cache warm, as for a user's second command
-    measured = peak_rss_of_train(path, cache_dir=Path(tempfile.mkdtemp(prefix="cold-cache-", dir=workdir)))
-    predicted = plan["peak_bytes"]
+    peak = peak_rss_of_train(path, cache_dir=Path(tempfile.mkdtemp(prefix="cold-cache-", dir=workdir)))
+    predicted, measured = plan["peak_bytes"], peak["peak_bytes"]
     return {
         "name": case["name"], "model": case["model"], "batch_size": case["batch_size"], "max_length": case["max_length"],
         "gradient_checkpointing": case["checkpointing"], "dtype": config["model"]["dtype"], "steps": steps,
         "predicted_bytes": predicted, "measured_bytes": measured,
         "predicted_mib": predicted / 2**20, "measured_mib": measured / 2**20,
         "error_percent": 100.0 * (predicted - measured) / measured,
+        "predicted_parts_mib": {k: round(v / 2**20, 1) for k, v in plan["parts"].items()},
+        "measured_anon_mib": peak["anon_mib"], "measured_file_mib": peak["file_mib"],
         "command": f"qlorakit train {path.name} (peak RSS); qlorakit plan {path.name} --json",
     }

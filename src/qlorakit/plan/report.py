@@ -6,7 +6,8 @@ import re
 
 from qlorakit.config import Config
 from qlorakit.plan.advice import advise
-from qlorakit.plan.estimate import GIB, MIB, Plan, estimate
+from qlorakit.plan.baseline import BaselineProbe
+from qlorakit.plan.estimate import GIB, MIB, RSS_BASE, Plan, estimate
 from qlorakit.plan.shapes import model_shapes
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
@@ -26,9 +27,22 @@ def plan_config(cfg: Config, gpu_memory: int | None = None, processes: int = 1, 
     """The plan of `cfg`: on CUDA when `gpu_memory` is given, else the CPU process (peak RSS)."""
     if processes < 1:
         raise ValueError(f"--processes: must be at least 1, got {processes}")
-    shapes = model_shapes(cfg)
     device = "cpu" if gpu_memory is None else "cuda"
-    plan = estimate(cfg, shapes, device, processes, fsdp)
+    probe = BaselineProbe(cfg.model.name) if device == "cpu" else None  # runs while the shapes are read
+    try:
+        shapes = model_shapes(cfg)
+    except BaseException:
+        if probe is not None:
+            probe.stop()
+        raise
+    baseline, baseline_note = RSS_BASE, None
+    if probe is not None:
+        try:
+            measured = probe.result()
+            baseline, baseline_note = measured.bytes, f"process baseline {_size(measured.bytes)} {measured.how}"
+        except RuntimeError as error:
+            baseline_note = f"process baseline {_size(RSS_BASE)} as calibrated, not measured ({error})"
+    plan = estimate(cfg, shapes, device, processes, fsdp, rss_base=baseline)
     plan.gpu_memory = gpu_memory
     if gpu_memory is not None:
         plan.fits = plan.peak_bytes <= gpu_memory
@@ -37,7 +51,7 @@ def plan_config(cfg: Config, gpu_memory: int | None = None, processes: int = 1, 
     plan.assumptions = [
         f"every row fills data.max_length={cfg.data.max_length} (padding to the longest row of a batch)",
         f"{mode} {processes} process(es); per-device micro-batch train.batch_size={cfg.train.batch_size}",
-        "CPU: whole-process peak RSS incl. python/torch/transformers baseline" if device == "cpu"
+        f"CPU: whole-process peak RSS incl. the {baseline_note}" if device == "cpu"
         else "CUDA: device memory only (host baseline excluded), incl. CUDA context",
     ]
     return plan
