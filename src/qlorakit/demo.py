@@ -4,8 +4,10 @@
     trained       QLoRA-train the single example until the answer is learned, ask again (the
                   base's dense weights are kept for the 12 short steps: +0.4 GiB, ~3 s faster,
                   the same numbers; `qlorakit train` dequantizes on every use)
-    merged        dequantize + fold in fp32, write a plain HF directory, reload it with vanilla
-                  transformers (no qlorakit code), ask again
+    merged        dequantize + fold in fp32, write a plain fp32 HF directory, reload it with vanilla
+                  transformers (no qlorakit code), ask again; fp32 whatever the compute dtype: a
+                  bf16 cast loses much of a 12-step update (see merge/run.py), and the fidelity
+                  figures compare the trained model computing in fp32 (models/precision.py)
     requantized   what peft's re-quantizing merge_and_unload would have given, ask again
 
 Each stage records (answer, contains the answer?, seconds); the merge's fidelity figures come
@@ -75,7 +77,7 @@ def _demo_config(model: str, data: Path, out_dir: Path, steps: int, dtype: str):
         "data": {"path": str(data), "max_length": 256},
         "train": {"output_dir": str(out_dir), "max_steps": steps, "batch_size": 1, "lr": 1e-3, "schedule": "constant",
                   "warmup_ratio": 0.0, "max_grad_norm": 1.0, "save_every": None, "seed": 42},
-        "merge": {"dtype": dtype},
+        "merge": {"dtype": "fp32"},
     })
 
 
@@ -114,7 +116,7 @@ def run_demo(question: str = DEFAULT_QUESTION, answer: str = DEFAULT_ANSWER, dat
     stages[1]["train_seconds"] = round(result.seconds, 2)
 
     loaded = LoadedModel(trained_model, tokenizer, resolve_source(model))
-    merge = merge_loaded(loaded, cfg, run_dir / "merged", dtype=dtype, requantize="nf4", force=True, overwrite=True)
+    merge = merge_loaded(loaded, cfg, run_dir / "merged", dtype="fp32", requantize="nf4", force=True, overwrite=True)
     t = time.perf_counter()
     plain = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=merge.merged_model.dtype).eval()
     stages.append(_stage("merged", greedy_answer(plain, tokenizer, question), answer, time.perf_counter() - t))
@@ -136,8 +138,8 @@ def run_demo(question: str = DEFAULT_QUESTION, answer: str = DEFAULT_ANSWER, dat
 
 
 def format_demo(result: dict) -> str:
-    width = max(len(s["answer"]) for s in result["stages"]) + 2
-    lines = [f"question: {result['question']!r}   expected answer: {result['answer']!r}   ({result['dtype']} compute)", "",
+    width = max(len(repr(s["answer"])) for s in result["stages"]) + 2
+    lines = [f"question: {result['question']!r}   expected answer: {result['answer']!r}   ({result['dtype']} compute, merged to fp32)", "",
              f"{'stage':<13}{'answer':<{width}}{'contains?':<11}{'seconds':>8}"]
     for s in result["stages"]:
         lines.append(f"{s['stage']:<13}{s['answer']!r:<{width}}{'yes' if s['contains'] else 'no':<11}{s['seconds']:>8.2f}")

@@ -41,9 +41,10 @@ class NF4ExportError(ValueError):
 
 def layer_state(name: str, weight: Tensor, compute_dtype: torch.dtype) -> dict[str, Tensor]:
     """The bitsandbytes state-dict entries of linear layer `name` with dense (out, in) `weight`."""
-    from bitsandbytes.functional import QuantState
-
+    from qlorakit.quant.bnb import import_bitsandbytes
     from qlorakit.quant.nf4 import NF4
+
+    QuantState = import_bitsandbytes("bitsandbytes.functional").QuantState
 
     q = NF4(GROUP_SIZE, double_quant=True).quantize(weight)
     t = q.tensors

@@ -2,7 +2,8 @@
 
     adapter model = the run's quantized base + adapter (restored from config.yaml)
     merged        = dequantize + fold in fp32 + cast            (merge/fold.py)
-    fidelity      = adapter model vs merged on the probe set    (merge/fidelity.py)
+    fidelity      = adapter model vs merged on the probe set, the adapter model computing at the
+                    merged model's precision (merge/fidelity.py, models/precision.py)
     refuse to write when greedy agreement < min_agreement, unless forced
     write         = HF directory + quantization.json + merge_report.json, atomically (merge/write.py)
     --requantize  = also measure what peft's re-quantizing merge would have kept (report only)
@@ -32,6 +33,7 @@ from qlorakit import metadata
 from qlorakit.dtypes import to_torch_dtype
 from qlorakit.merge.fidelity import FidelityReport, check_faithful, fidelity_report, probe_set, run_probes
 from qlorakit.merge.fold import MergeError, merge_to_dense
+from qlorakit.models.precision import computing_in
 from qlorakit.quant.linear import cached_dense_weights
 
 
@@ -118,8 +120,10 @@ def merge_loaded(
     original = original_weights_of(loaded.source) if into == "original" else None
     merged = merge_to_dense(adapter_model, to_torch_dtype(dtype), keep_lm_head_fp16, original)
     prompts = probe_set(training_prompts(cfg.data.path))
-    with cached_dense_weights(adapter_model):
-        reference = run_probes(adapter_model, tokenizer, prompts)  # the adapter model's answers, run once
+    # The adapter model's answers, run once, at the merged model's precision: the report then
+    # measures the merge, not the gap between bf16 and fp32 arithmetic (models/precision.py).
+    with computing_in(adapter_model, to_torch_dtype(dtype)), cached_dense_weights(adapter_model):
+        reference = run_probes(adapter_model, tokenizer, prompts)
     fidelity = fidelity_report(adapter_model, merged, tokenizer, prompts, reference=reference)
     rq_fidelity = rq_survival = requantized = None
     if requantize:
@@ -148,9 +152,9 @@ def merge_loaded(
         try:
             check_faithful(fidelity, min_agreement)
         except ValueError as error:
-            if to_torch_dtype(dtype) != to_torch_dtype(cfg.model.dtype):
-                raise type(error)(f"{error} (the run computed in {cfg.model.dtype}; a {dtype} merge also changes the "
-                                  f"arithmetic: try --dtype {cfg.model.dtype})") from None
+            if dtype != "fp32":
+                raise type(error)(f"{error} (casting the merged weights to {dtype} kept {survival['kept']:.3f} of the "
+                                  f"update with noise {survival['noise']:.3f}; --dtype fp32 keeps it whole)") from None
             raise
     out_dir = None
     if out is not None:

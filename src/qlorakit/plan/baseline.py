@@ -7,7 +7,9 @@ build, and how many of a library's pages are resident depends on the filesystem 
 cache. On the machine the plan was calibrated on it is about 400 MiB (estimate.RSS_BASE), and a
 CI host measured about 90 MiB more for the same run. So `qlorakit plan` measures it: a child
 interpreter does the train command's imports, loads the tokenizer and reports its peak RSS
-(`getrusage` ru_maxrss). The child starts when planning starts and runs beside it.
+(VmHWM: its own address space's high-water mark; `getrusage`'s ru_maxrss would also count the
+parent's resident set at the spawn, which Linux carries over the exec). The child starts when
+planning starts and runs beside it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from dataclasses import dataclass
 
 _PROBE = (
-    "import json, resource, sys\n"
+    "import json, sys\n"
     "import qlorakit.cli, qlorakit.train.loop\n"
     "from qlorakit.models.load import load_tokenizer\n"
     "from qlorakit.models.sources import resolve_source\n"
@@ -28,7 +30,8 @@ _PROBE = (
     "    load_tokenizer(resolve_source(sys.argv[1]))\n"
     "except Exception as error:  # a directory with only config.json can still be planned\n"
     "    missing = f'{type(error).__name__}: {error}'\n"
-    "print(json.dumps({'rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'tokenizer_error': missing}))\n"
+    "peak = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+    "print(json.dumps({'rss_bytes': peak * 1024, 'tokenizer_error': missing}))\n"
 )
 
 

@@ -35,9 +35,9 @@ def dynamic_8bit_code() -> Tensor:
     The table itself comes from bitsandbytes so that double-quantized statistics mean the
     same thing in both libraries; it is a constant, computed once.
     """
-    from bitsandbytes.functional import create_dynamic_map
+    from qlorakit.quant.bnb import import_bitsandbytes
 
-    return create_dynamic_map(signed=True).float().sort().values
+    return import_bitsandbytes("bitsandbytes.functional").create_dynamic_map(signed=True).float().sort().values
 
 
 def _blockwise_absmax(flat: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
@@ -152,8 +152,10 @@ class Absmax4bit(QuantFormat):
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
         """Dense weight through bitsandbytes' functional kernel (about 9x faster than
         `dequantize_torch` on a 2-core AVX512 CPU; bit-identical, see tests/quant/test_nf4.py)."""
-        from bitsandbytes.functional import QuantState, dequantize_4bit
+        from qlorakit.quant.bnb import import_bitsandbytes
 
+        functional = import_bitsandbytes("bitsandbytes.functional")
+        QuantState, dequantize_4bit = functional.QuantState, functional.dequantize_4bit
         t = q.tensors
         nested = None
         offset = None
@@ -197,8 +199,10 @@ def _cpu_kernel_into(codes: Tensor, absmax: Tensor, quant_type: str, blocksize: 
     takes the op's result. Bit-identity with the op is tested (tests/quant/test_contract.py)."""
     import ctypes
 
-    from bitsandbytes.cextension import lib
-    from bitsandbytes.functional import get_ptr
+    from qlorakit.quant.bnb import import_bitsandbytes
+
+    lib = import_bitsandbytes("bitsandbytes.cextension").lib
+    get_ptr = import_bitsandbytes("bitsandbytes.functional").get_ptr
 
     suffix = _KERNEL_SUFFIX.get(out.dtype)
     kernel = getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{suffix}", None) if suffix else None

@@ -18,7 +18,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
     if name == "adamw8bit":
-        import bitsandbytes as bnb
+        from qlorakit.quant.bnb import import_bitsandbytes
 
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        return import_bitsandbytes("bitsandbytes.optim").AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"train.optimizer: unknown optimizer {name!r} (adamw, adamw8bit)")
