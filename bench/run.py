@@ -211,7 +211,7 @@ def format_table(r: dict) -> str:
         ("training tokens/s, HF stack bf16 (reference)", t["hf_reference"], f"peak RSS {rss['hf_reference']} MiB, MFU {mfu['hf_reference']}"),
         ("training tokens/s, HF stack bf16 + checkpointing", t["hf_reference_gc"], f"peak RSS {rss['hf_reference_gc']} MiB"),
         ("training tokens/s, HF stack fp32", t["hf_reference_fp32"], f"peak RSS {rss['hf_reference_fp32']} MiB"),
-        ("training tokens/s, qlorakit bf16", t["qlorakit_bf16"], f"peak RSS {rss['qlorakit_bf16']} MiB"),
+        ("training tokens/s, qlorakit bf16" + (" (a third run)" if r["qlorakit_dtype"] == "bf16" else ""), t["qlorakit_bf16"], f"peak RSS {rss['qlorakit_bf16']} MiB"),
         ("training tokens/s, qlorakit + checkpointing", t["qlorakit_gc"], f"peak RSS {rss['qlorakit_gc']} MiB"),
         ("qlorakit / HF reference", r["speedup_vs_hf_reference"], f"vs HF fp32: {r['speedup_vs_hf_reference_fp32']}"),
         ("variable-length real tokens/s (packed)", r["varlen_tokens_per_s"], f"{r['varlen_vs_fixed']} x fixed-length"),
