@@ -144,9 +144,12 @@ def test_in_place_sum_equals_base_plus_update(dtype, as_view):
         results.append([y.detach().clone()] + [t.grad.clone() for t in (x, W, A, B)])
         for t in (x, W, A, B):
             t.grad = None
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     for name, got, expected in zip(["y", "x", "W", "A", "B"], *results):
-        torch.testing.assert_close(got, expected, **tol, msg=name)
+        # bf16: the fused path runs the adapter's matmuls in bf16 (fp32 accumulation) and the
+        # reference in fp32, then rounds; they agree to 2 bf16 steps at each tensor's scale.
+        scale = float(expected.float().abs().max())
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2**-6 * scale)
+        torch.testing.assert_close(got.float(), expected.float(), **tol, msg=lambda m: f"{name}: {m}")
 
 
 def test_in_place_sum_refuses_a_saved_base_output():

@@ -18,9 +18,17 @@ factors s and 1/(1 − p) are applied to the small (..., r) and (r, in) tensors,
     g_A = g_hᵀ pool(x zeroed) / (1 − p)  (r, in or in/G)
     g_x = poolᵀ(g_h A / (1 − p)) zeroed  (..., in), cast to x's dtype
 
-`add_adapter_update_` adds y into the base layer's output in place (one addmm in fp32) instead
-of allocating y and then base + y: two fewer fresh (tokens, out) tensors per adapter, which on
-CPU is two rounds of page faults each (see train/allocator.py).
+`add_adapter_update_` adds y into the base layer's output in place (one addmm) instead of
+allocating y and then base + y: two fewer fresh (tokens, out) tensors per adapter, which on CPU
+is two rounds of page faults each (see train/allocator.py).
+
+bf16 compute: when x and the base output are bf16 (plain LoRA), the five large matmuls (x Aᵀ,
+the addmm of h Bᵀ, g_y B, g_yᵀ h, g_hᵀ x̃ and g_h A) run in bf16 with fp32 accumulation, the
+way torch.autocast runs them, on bf16 copies of the fp32 adapter weights; the rank-r results
+(h, g_h) and the weight gradients g_A, g_B come back in fp32, and the adapters' master weights
+and optimizer stay fp32. Converting x to fp32 and g_x back for every adapter was 1.1 s of a 7.3 s
+SmolLM2 step on an AVX512-BF16 CPU. Otherwise (fp32 or fp16 compute, QA-LoRA's pooling) the
+matmuls run in fp32 on an fp32 copy of x.
 
 Gradients match plain autograd on the same mask up to float rounding (tests/adapters/test_update.py).
 """
@@ -56,29 +64,36 @@ def unpool_groups(grad: Tensor, group_size: int | None) -> Tensor:
 _last_zeroed: tuple[weakref.ref, weakref.ref, Tensor] | None = None
 
 
-def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None) -> Tensor:
-    """pool(x in fp32 with dropped elements zeroed), without the 1/(1 − p) factor. The zeroed x
-    is kept for the next caller with the same (x, drop): the adapters of q, k and v share it,
-    in forward and again in backward, instead of zeroing the same tensor three times. The
+def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """pool(x in `dtype` with dropped elements zeroed), without the 1/(1 − p) factor. The zeroed x
+    is kept for the next caller with the same (x, drop, dtype): the adapters of q, k and v share
+    it, in forward and again in backward, instead of zeroing the same tensor three times. The
     result is only valid until the next call: use it at once."""
     global _last_zeroed
     if drop is None:
-        return pool_groups(x.to(torch.float32), group_size)
+        return pool_groups(x.to(dtype), group_size)
     cached = _last_zeroed
-    if cached is not None and cached[0]() is x and cached[1]() is drop:
+    if cached is not None and cached[0]() is x and cached[1]() is drop and cached[2].dtype == dtype:
         zeroed = cached[2]
     else:
         # Written into this thread's buffer for the shape: every caller consumes it at once (one
         # matmul), and the cache above always names the buffer's latest contents.
-        zeroed = scratch_buffer(tuple(x.shape), torch.float32, x.device)  # None off the CPU: a fresh tensor
-        zero = torch.zeros((), dtype=torch.float32, device=x.device)
-        zeroed = torch.where(drop, zero, x.to(torch.float32), out=zeroed)  # (..., in)
+        zeroed = scratch_buffer(tuple(x.shape), dtype, x.device)  # None off the CPU: a fresh tensor
+        zero = torch.zeros((), dtype=dtype, device=x.device)
+        zeroed = torch.where(drop, zero, x.to(dtype), out=zeroed)  # (..., in)
         _last_zeroed = (weakref.ref(x), weakref.ref(drop), zeroed)
     return pool_groups(zeroed, group_size)
 
 
+def _matmul_dtype(base_out: Tensor | None, x: Tensor, group_size: int | None) -> torch.dtype:
+    """bf16 for an update added into a bf16 base output from a bf16 x (plain LoRA), else fp32
+    (see the module docstring: bf16 compute)."""
+    bf16 = torch.bfloat16
+    return bf16 if base_out is not None and base_out.dtype == bf16 and x.dtype == bf16 and group_size is None else torch.float32
+
+
 def _add_low_rank_(y: Tensor, h: Tensor, lora_B: Tensor) -> None:
-    """y += h Bᵀ in place: y (..., out), h (..., r) fp32, B (out, r) fp32."""
+    """y += h Bᵀ in place: y (..., out), h (..., r), B (out, r), h and B in one dtype."""
     if y.dtype == h.dtype and y.is_contiguous():
         y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), lora_B.t())
     else:
@@ -90,13 +105,14 @@ class _AdapterUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base_out, x, lora_A, lora_B, scaling, drop, keep, group_size):
-        u = _zeroed_input(x, drop, group_size)  # (..., in or in/G), fp32
-        h = (u @ lora_A.t()) * (scaling / keep if drop is not None else scaling)  # s·h, (..., r): scaled while small
+        m = _matmul_dtype(base_out, x, group_size)
+        u = _zeroed_input(x, drop, group_size, m)  # (..., in or in/G)
+        h = (u @ lora_A.to(m).t()).float() * (scaling / keep if drop is not None else scaling)  # s·h, (..., r) fp32
         ctx.save_for_backward(x, None if drop is None else _shared_packed(drop), h, lora_A, lora_B)
-        ctx.scaling, ctx.keep, ctx.group_size = scaling, keep, group_size
+        ctx.scaling, ctx.keep, ctx.group_size, ctx.matmul_dtype = scaling, keep, group_size, m
         if base_out is None:
             return h @ lora_B.t()  # (..., out)
-        _add_low_rank_(base_out, h, lora_B)
+        _add_low_rank_(base_out, h.to(m), lora_B.to(m))
         ctx.mark_dirty(base_out)
         return base_out
 
@@ -104,18 +120,18 @@ class _AdapterUpdate(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, packed_drop, h, lora_A, lora_B = ctx.saved_tensors
         drop = None if packed_drop is None else _shared_unpacked(packed_drop, x.shape)
-        s, keep = ctx.scaling, (ctx.keep if drop is not None else 1.0)
+        s, keep, m = ctx.scaling, (ctx.keep if drop is not None else 1.0), ctx.matmul_dtype
         grad_base = grad_y if ctx.needs_input_grad[0] else None  # y = base_out + update
-        grad_y = grad_y.to(torch.float32)
-        grad_h = (grad_y @ lora_B) * s  # (..., r)
+        grad_y = grad_y.to(m)
+        grad_h = (grad_y @ lora_B.to(m)).float() * s  # (..., r) fp32
         grad_B = grad_A = grad_x = None
         if ctx.needs_input_grad[3]:  # h was saved as s·h
-            grad_B = grad_y.reshape(-1, grad_y.shape[-1]).t() @ h.reshape(-1, h.shape[-1])  # (out, r)
+            grad_B = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ h.to(m).reshape(-1, h.shape[-1])).float()  # (out, r)
         if ctx.needs_input_grad[2]:
-            u = _zeroed_input(x, drop, ctx.group_size)  # rebuilt, (..., in or in/G)
-            grad_A = (grad_h.reshape(-1, grad_h.shape[-1]).t() @ u.reshape(-1, u.shape[-1])) / keep  # (r, in or in/G)
+            u = _zeroed_input(x, drop, ctx.group_size, m)  # rebuilt, (..., in or in/G)
+            grad_A = (grad_h.to(m).reshape(-1, grad_h.shape[-1]).t() @ u.reshape(-1, u.shape[-1])).float() / keep  # (r, in or in/G)
         if ctx.needs_input_grad[1]:
-            grad_u = unpool_groups((grad_h / keep) @ lora_A, ctx.group_size)  # (..., in)
+            grad_u = unpool_groups(((grad_h / keep).to(m) @ lora_A.to(m)), ctx.group_size)  # (..., in)
             if drop is not None:
                 grad_u = grad_u.masked_fill_(drop, 0.0)
             grad_x = grad_u.to(x.dtype)
