@@ -22,7 +22,7 @@ factors s and 1/(1 − p) are applied to the small (..., r) and (r, in) tensors,
 allocating y and then base + y: two fewer fresh (tokens, out) tensors per adapter, which on CPU
 is two rounds of page faults each (see train/allocator.py).
 
-bf16 compute: when x and the base output are bf16 (plain LoRA), the five large matmuls (x Aᵀ,
+bf16 compute: when x and the base output are bf16 (plain LoRA), the six large matmuls (x Aᵀ,
 the addmm of h Bᵀ, g_y B, g_yᵀ h, g_hᵀ x̃ and g_h A) run in bf16 with fp32 accumulation, the
 way torch.autocast runs them, on bf16 copies of the fp32 adapter weights; the rank-r results
 (h, g_h) and the weight gradients g_A, g_B come back in fp32, and the adapters' master weights
