@@ -116,7 +116,7 @@ def run_demo(question: str = DEFAULT_QUESTION, answer: str = DEFAULT_ANSWER, dat
     stages[1]["train_seconds"] = round(result.seconds, 2)
 
     loaded = LoadedModel(trained_model, tokenizer, resolve_source(model))
-    merge = merge_loaded(loaded, cfg, run_dir / "merged", dtype="fp32", requantize="nf4", force=True, overwrite=True)
+    merge = merge_loaded(loaded, cfg, run_dir / "merged", dtype=cfg.merge.dtype, requantize="nf4", force=True, overwrite=True)
     t = time.perf_counter()
     plain = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=merge.merged_model.dtype).eval()
     stages.append(_stage("merged", greedy_answer(plain, tokenizer, question), answer, time.perf_counter() - t))
