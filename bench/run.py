@@ -5,8 +5,8 @@
 Every configuration runs in its own process (bench/train_worker.py, bench/tasks.py), the training
 configurations interleaved round by round so that a change in machine load hits all of them.
 Reported (medians over rounds; peak RSS is the largest):
-  tokens_per_s / peak_rss_mib     qlorakit, qlorakit_heap (glibc's own mmap threshold: faster, more RSS; see
-                                  qlorakit/train/allocator.py), qlorakit (fp32 compute where the CPU lacks native bf16, see
+  tokens_per_s / peak_rss_mib     qlorakit, qlorakit_other_allocator (the mmap threshold qlorakit does not pick
+                                  for this dtype: 1 MiB for bf16, 32 MiB for fp32; see qlorakit/train/allocator.py), qlorakit (fp32 compute where the CPU lacks native bf16, see
                                   qlorakit.dtypes.preferred_dtype), hf_reference (transformers + peft +
                                   bitsandbytes NF4, compute bf16, as issue #7 specifies), hf_reference_gc
                                   (the same with gradient checkpointing), hf_reference_fp32, qlorakit_bf16
@@ -76,7 +76,13 @@ def _worker(name: str, *flags: str, steps: int) -> tuple[str, list[str]]:
     return name, [PY, str(BENCH / "train_worker.py"), "--steps", str(steps), *flags]
 
 
-HEAP_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}  # glibc's default ceiling: qlorakit leaves it alone
+def other_allocator(dtype: str) -> dict[str, str]:
+    """The environment that gives a `dtype` run the mmap threshold qlorakit does not pick for it
+    (a user's MALLOC_MMAP_THRESHOLD_ is left alone by qlorakit)."""
+    from qlorakit.train.allocator import REUSE_THRESHOLD_BYTES, RETURN_THRESHOLD_BYTES, mmap_threshold_for
+
+    other = RETURN_THRESHOLD_BYTES if mmap_threshold_for(dtype) == REUSE_THRESHOLD_BYTES else REUSE_THRESHOLD_BYTES
+    return {"MALLOC_MMAP_THRESHOLD_": str(other)}
 
 
 def _median(runs: list[dict], key: str) -> float | None:
@@ -92,7 +98,7 @@ def _max(runs: list[dict], key: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the main training configurations")
-    parser.add_argument("--steps", type=int, default=3, help="measured training steps per process (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=6, help="measured training steps per process (after one warm-up step; bf16 heap fragmentation settles after about 5)")
     parser.add_argument("--out", default=str(BENCH / "results" / "latest.json"))
     args = parser.parse_args()
     started = time.perf_counter()
@@ -107,7 +113,7 @@ def main() -> None:
         _worker("qlorakit", "--impl", "qlorakit", "--dtype", fast, steps=args.steps),
         _worker("hf_reference", "--impl", "hf", "--dtype", "bf16", steps=args.steps),
         _worker("hf_reference_gc", "--impl", "hf", "--dtype", "bf16", "--gc", steps=args.steps),
-        _worker("qlorakit_heap", "--impl", "qlorakit", "--dtype", fast, steps=args.steps),
+        _worker("qlorakit_other_allocator", "--impl", "qlorakit", "--dtype", fast, steps=args.steps),
     ]
     extra_configs = [
         _worker("hf_reference_fp32", "--impl", "hf", "--dtype", "fp32", steps=args.steps),
@@ -118,7 +124,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name, _ in main_configs + extra_configs}
     for round_index in range(args.rounds):
         for name, argv in main_configs:
-            env = HEAP_ALLOCATOR if name == "qlorakit_heap" else None
+            env = other_allocator(fast) if name == "qlorakit_other_allocator" else None
             runs[name].append(_run_json(argv, f"{name} (round {round_index + 1})", env=env))
     for name, argv in extra_configs:
         runs[name].append(_run_json(argv, name))
@@ -148,14 +154,15 @@ def main() -> None:
         "tokens_per_s": {"qlorakit": tokens["qlorakit"], "hf_reference": tokens["hf_reference"],
                          "hf_reference_gc": tokens["hf_reference_gc"], "hf_reference_fp32": tokens["hf_reference_fp32"],
                          "qlorakit_bf16": tokens["qlorakit_bf16"], "qlorakit_gc": tokens["qlorakit_gc"],
-                         "qlorakit_heap": tokens["qlorakit_heap"]},
+                         "qlorakit_other_allocator": tokens["qlorakit_other_allocator"]},
         "speedup_vs_hf_reference": _ratio(tokens["qlorakit"], tokens["hf_reference"]),
         "speedup_vs_hf_reference_fp32": _ratio(tokens["qlorakit"], tokens["hf_reference_fp32"]),
-        "speedup_heap_vs_hf_reference": _ratio(tokens["qlorakit_heap"], tokens["hf_reference"]),
+        "speedup_other_allocator_vs_hf_reference": _ratio(tokens["qlorakit_other_allocator"], tokens["hf_reference"]),
+        "other_allocator_mmap_threshold": int(other_allocator(fast)["MALLOC_MMAP_THRESHOLD_"]),
         "peak_rss_mib": {name: _max(runs[name], "peak_rss_mib") for name in
                          ("qlorakit", "hf_reference", "hf_reference_gc", "hf_reference_fp32", "qlorakit_bf16", "qlorakit_gc",
-                          "qlorakit_heap")},
-        "mfu": {name: mfu(name, best_peak) for name in ("qlorakit", "qlorakit_heap", "hf_reference", "hf_reference_gc", "hf_reference_fp32")},
+                          "qlorakit_other_allocator")},
+        "mfu": {name: mfu(name, best_peak) for name in ("qlorakit", "qlorakit_other_allocator", "hf_reference", "hf_reference_gc", "hf_reference_fp32")},
         "mfu_vs_bf16_peak": {name: mfu(name, peak.get("bf16_gflops", 0) * 1e9) for name in ("qlorakit", "hf_reference")},
         "varlen_tokens_per_s": tokens["varlen"],
         "varlen_vs_fixed": _ratio(tokens["varlen"], tokens["qlorakit"]),
@@ -206,8 +213,9 @@ def format_table(r: dict) -> str:
     t, rss, mfu = r["tokens_per_s"], r["peak_rss_mib"], r["mfu"]
     rows = [
         ("training tokens/s, qlorakit " + r["qlorakit_dtype"], t["qlorakit"], f"peak RSS {rss['qlorakit']} MiB, MFU {mfu['qlorakit']}"),
-        ("training tokens/s, qlorakit, glibc heap (MALLOC_MMAP_THRESHOLD_=32 MiB)", t["qlorakit_heap"],
-         f"peak RSS {rss['qlorakit_heap']} MiB, MFU {mfu['qlorakit_heap']}, {r['speedup_heap_vs_hf_reference']} x HF reference"),
+        (f"training tokens/s, qlorakit, other allocator mode (MALLOC_MMAP_THRESHOLD_={r['other_allocator_mmap_threshold'] >> 20} MiB)",
+         t["qlorakit_other_allocator"], f"peak RSS {rss['qlorakit_other_allocator']} MiB, MFU {mfu['qlorakit_other_allocator']}, "
+         f"{r['speedup_other_allocator_vs_hf_reference']} x HF reference"),
         ("training tokens/s, HF stack bf16 (reference)", t["hf_reference"], f"peak RSS {rss['hf_reference']} MiB, MFU {mfu['hf_reference']}"),
         ("training tokens/s, HF stack bf16 + checkpointing", t["hf_reference_gc"], f"peak RSS {rss['hf_reference_gc']} MiB"),
         ("training tokens/s, HF stack fp32", t["hf_reference_fp32"], f"peak RSS {rss['hf_reference_fp32']} MiB"),

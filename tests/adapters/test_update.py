@@ -15,6 +15,7 @@ from qlorakit.adapters.update import (
     shared_dropout_mask,
     unpack_mask,
     unpack_mask_torch,
+    zero_dropped,
 )
 
 
@@ -183,3 +184,23 @@ def test_backward_reads_the_packed_mask_saved_by_forward():
     saved = [t for t in y.grad_fn.saved_tensors if t is not None]
     assert not any(t.dtype == torch.bool for t in saved)
     assert any(t.dtype == torch.uint8 and t.numel() == x.numel() // 8 for t in saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_zero_dropped_gives_the_bits_of_torch_where(dtype):
+    torch.manual_seed(0)
+    values = torch.randn(3, 7, 33).to(dtype)
+    values[0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], dtype=dtype)
+    drop = torch.rand(values.shape) < 0.4
+    expected = torch.where(drop, torch.zeros((), dtype=dtype), values)
+    got = zero_dropped(drop, values)
+    assert got.dtype == dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))  # bit for bit, +0.0
+    out = torch.empty_like(values)
+    assert zero_dropped(drop, values, out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+    in_place = values.clone()
+    zero_dropped(drop, in_place, out=in_place)
+    assert torch.equal(in_place.view(torch.uint8), expected.view(torch.uint8))
+    strided = values.transpose(0, 1)  # a non-contiguous input
+    got_strided = zero_dropped(drop.transpose(0, 1), strided).transpose(0, 1).contiguous()
+    assert torch.equal(got_strided.view(torch.uint8), expected.view(torch.uint8))

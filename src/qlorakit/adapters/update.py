@@ -78,9 +78,8 @@ def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None, dtype:
     else:
         # Written into this thread's buffer for the shape: every caller consumes it at once (one
         # matmul), and the cache above always names the buffer's latest contents.
-        zeroed = scratch_buffer(tuple(x.shape), dtype, x.device)  # None off the CPU: a fresh tensor
-        zero = torch.zeros((), dtype=dtype, device=x.device)
-        zeroed = torch.where(drop, zero, x.to(dtype), out=zeroed)  # (..., in)
+        zeroed = scratch_buffer("dropped_input", tuple(x.shape), dtype, x.device)  # None off the CPU: a fresh tensor
+        zeroed = zero_dropped(drop, x.to(dtype), out=zeroed)  # (..., in)
         _last_zeroed = (weakref.ref(x), weakref.ref(drop), zeroed)
     return pool_groups(zeroed, group_size)
 
@@ -133,7 +132,7 @@ class _AdapterUpdate(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_u = unpool_groups(((grad_h / keep).to(m) @ lora_A.to(m)), ctx.group_size)  # (..., in)
             if drop is not None:
-                grad_u = grad_u.masked_fill_(drop, 0.0)
+                grad_u = zero_dropped(drop, grad_u, out=grad_u)
             grad_x = grad_u.to(x.dtype)
         return grad_base, grad_x, grad_A, grad_B, None, None, None, None
 
@@ -154,6 +153,29 @@ def add_adapter_update_(base_out: Tensor, x: Tensor, lora_A: Tensor, lora_B: Ten
         return base_out + adapter_update(x, lora_A, lora_B, scaling, dropout, training, group_size).to(base_out.dtype)
     drop = shared_dropout_mask(x, dropout) if training and dropout > 0 else None
     return _AdapterUpdate.apply(base_out, x, lora_A, lora_B, scaling, drop, 1.0 - dropout, group_size)
+
+
+_INTEGER_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_last_keep_bits: tuple[weakref.ref, torch.dtype, Tensor] | None = None
+
+
+def zero_dropped(drop: Tensor, values: Tensor, out: Tensor | None = None) -> Tensor:
+    """`values` with the elements where `drop` is True set to +0.0, into `out` if given (may be
+    `values` itself): values AND keep_bits, where keep_bits is an integer tensor of values' width,
+    all ones where kept and 0 where dropped. The same bits as torch.where(drop, 0, values), which
+    on the CPU is not vectorised for a bool condition: 1.2 ms against 0.18 ms (mask included) for
+    4 x 256 x 1536 bf16 elements. The keep bits are built once per (mask, dtype) and shared, as
+    the mask is, by q, k and v."""
+    global _last_keep_bits
+    integer = _INTEGER_OF_WIDTH[values.element_size()]
+    cached = _last_keep_bits
+    if cached is not None and cached[0]() is drop and cached[1] == integer:
+        keep_bits = cached[2]
+    else:
+        keep_bits = drop.view(torch.uint8).to(integer).sub_(1)  # True (1) -> 0, False (0) -> -1 = all ones
+        _last_keep_bits = (weakref.ref(drop), integer, keep_bits)
+    result = torch.bitwise_and(values.view(integer), keep_bits, out=None if out is None else out.view(integer))
+    return result.view(values.dtype)
 
 
 _last_mask: tuple[weakref.ref, float, Tensor] | None = None

@@ -21,15 +21,18 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
                  plus the saved (N, h) gradient; a model without a plain head takes transformers'
                  path: N·V·(e + 3·4)
     transient    the dense weights QuantLinear rebuilds for each matmul: on the CPU one reused
-                 buffer per distinct (out, in) shape in e (quant/linear.py scratch_buffer), plus an
-                 fp32 working copy of the largest when e < 4 (formats that dequantize in fp32 first),
-                 and with dropout one fp32 (N, in) buffer per distinct adapter input width; on CUDA
+                 buffer of the largest (out, in) in e (quant/linear.py scratch_buffer), plus an
+                 fp32 working copy of it when e < 4 (formats that dequantize in fp32 first), and
+                 with dropout an (N, widest adapter input) buffer and its keep bits in the adapters'
+                 matmul dtype (bf16 for plain LoRA in bf16, else fp32; adapters/update.py); on CUDA
                  the largest weight in e; plus two (N, max(h, i)) gradient buffers
     overhead     CPU: the process baseline (python + torch + transformers + tokenizer: `rss_base`, which
                  `qlorakit plan` measures on the user's machine, plan/baseline.py) and glibc
-                 allocator slack (RETAINED_FRACTION of the dense model's bytes, calibrated;
-                 RETAINED_FRACTION_CHECKPOINTING with checkpointing); CUDA: the CUDA context and
-                 caching-allocator reserve.
+                 allocator slack, calibrated, by the mmap threshold of the run (train/allocator.py):
+                 1 MiB (fp32, fp16, checkpointing): RETAINED_FRACTION of the dense model's bytes
+                 (RETAINED_FRACTION_CHECKPOINTING with checkpointing); 32 MiB (bf16): heap
+                 fragmentation, HEAP_FRAGMENTATION_OF_ACTIVATIONS · activations +
+                 HEAP_FRAGMENTATION_OF_LOSS · loss; CUDA: the CUDA context and caching-allocator reserve.
 
     peak = max(load, train):  load  = baseline + dense model in e + quantized weights + a GGUF
                                       source's memory map (CPU only: the model is read in the
@@ -47,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 
 from qlorakit.config import Config
 from qlorakit.plan.shapes import ModelShapes
+from qlorakit.train.allocator import REUSE_THRESHOLD_BYTES, mmap_threshold_for
 
 MIB = 2**20
 GIB = 2**30
@@ -62,6 +66,13 @@ RETAINED_FRACTION = 0.5
 # With activation checkpointing the step frees few small activation tensors, and the retained heap
 # stays far smaller (RSS probes between steps; calibrated on the same runs).
 RETAINED_FRACTION_CHECKPOINTING = 0.125
+# bf16 without checkpointing trains on glibc's heap (train/allocator.py): the freed dense model is
+# reused, but the heap fragments over the first steps, so that at the peak it holds free space of
+# about this fraction of the activations plus this multiple of the loss's blocks (its bf16 logits
+# blocks live in the heap too). Fitted on the four bf16 runs of bench/results/plan_accuracy.json
+# (8 steps each; within 3.5% there); not derived.
+HEAP_FRAGMENTATION_OF_ACTIVATIONS = 0.82
+HEAP_FRAGMENTATION_OF_LOSS = 2.6
 CUDA_CONTEXT = 600 * MIB  # CUDA context + cuBLAS workspace, outside torch's allocated bytes
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -140,18 +151,28 @@ def loss_bytes(shapes: ModelShapes, batch: int, seq: int, e: int) -> int:
     return c * shapes.vocab * (e + upcast) + n * shapes.hidden * e
 
 
-def transient_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, device: str, dropout: float) -> int:
-    """Dense weights rebuilt for matmuls (+ dropout input buffers on the CPU) + two (N, max(h, i))
-    gradient buffers; see the module docstring."""
+def transient_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, device: str, dropout: float,
+                    adapter_matmul_bytes: int = 4) -> int:
+    """Dense weights rebuilt for matmuls (+ dropout buffers on the CPU) + two (N, max(h, i))
+    gradient buffers; see the module docstring. `adapter_matmul_bytes`: 2 where the adapters'
+    matmuls run in bf16 (adapters/update.py), else 4."""
     n = batch * seq
     largest = max((o * i for _, o, i in shapes.quantized), default=0)
     gradients = 2 * n * max(shapes.hidden, shapes.intermediate) * e
     if device != "cpu":
         return largest * e + gradients
-    distinct = {(o, i) for _, o, i in shapes.quantized}
-    weights = sum(o * i for o, i in distinct) * e + (largest * 4 if e != 4 else 0)
-    dropped_inputs = n * 4 * sum({in_f for in_f, _ in shapes.lora}) if dropout > 0 else 0
+    weights = largest * e + (largest * 4 if e != 4 else 0)
+    widest_input = max((in_f for in_f, _ in shapes.lora), default=0)
+    dropped_inputs = 2 * n * widest_input * adapter_matmul_bytes if dropout > 0 else 0  # zeroed input + its keep bits
     return weights + dropped_inputs + gradients
+
+
+def allocator_slack_bytes(dtype: str, checkpointing: bool, dense_model: int, activations: int, loss: int) -> int:
+    """Resident memory glibc's allocator holds beyond the live tensors at the peak, by the mmap
+    threshold the run trains with (train/allocator.py; constants above, calibrated)."""
+    if mmap_threshold_for(dtype, checkpointing) == REUSE_THRESHOLD_BYTES:
+        return int(HEAP_FRAGMENTATION_OF_ACTIVATIONS * activations + HEAP_FRAGMENTATION_OF_LOSS * loss)
+    return int((RETAINED_FRACTION_CHECKPOINTING if checkpointing else RETAINED_FRACTION) * dense_model)
 
 
 def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: int = 1, fsdp: bool = False,
@@ -172,7 +193,8 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         "optimizer": trainable * (8 if t.optimizer == "adamw" else 2) // share,
         "activations": activation_bytes(shapes, batch, seq, e, a.r, a.dropout, t.gradient_checkpointing),
         "loss": loss_bytes(shapes, batch, seq, e),
-        "transient": transient_bytes(shapes, batch, seq, e, device, a.dropout),
+        "transient": transient_bytes(shapes, batch, seq, e, device, a.dropout,
+                                     2 if cfg.model.dtype == "bf16" and a.kind == "lora" else 4),
     }
     if t.gradient_checkpointing:
         # The layer rebuilt in backward lives after the loss's (chunk, V) blocks are gone: the two
@@ -181,8 +203,8 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         parts["activations"] -= layer
         parts["recompute"] = max(0, layer - parts["loss"])
     if device == "cpu":
-        retained = RETAINED_FRACTION_CHECKPOINTING if t.gradient_checkpointing else RETAINED_FRACTION
-        parts["allocator_slack"] = int(retained * shapes.parameters * e)
+        parts["allocator_slack"] = allocator_slack_bytes(cfg.model.dtype, t.gradient_checkpointing, shapes.parameters * e,
+                                                         parts["activations"], parts["loss"])
         parts["framework"] = rss_base
         load = rss_base + shapes.parameters * e + sum(by_format.values()) + shapes.mapped_bytes
     else:

@@ -14,6 +14,7 @@ merge) is correct because the stored codes are never modified in place, unlike b
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Callable
 
@@ -26,19 +27,25 @@ from qlorakit.quant.base import QuantFormat, QuantizedWeight
 _scratch = threading.local()
 
 
-def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor | None:
-    """This thread's reusable buffer of `shape` for a tensor that lives for one matmul (a dense
-    weight, a dropped-out adapter input), or None off the CPU. On the CPU a fresh tensor of a
-    few MiB comes from mmap and is faulted in page by page on every use; CUDA's caching
-    allocator already reuses freed blocks, where a persistent buffer would only add memory."""
+def scratch_buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """This thread's reusable buffer for `role`, viewed as `shape`, or None off the CPU: for a
+    tensor that lives for one matmul (a dense weight, a dropped-out adapter input). On the CPU a
+    fresh tensor of a few MiB comes from mmap and is faulted in page by page on every use; CUDA's
+    caching allocator already reuses freed blocks, where a persistent buffer would only add memory.
+
+    One flat buffer per (role, dtype, device), grown to the largest request and viewed as each
+    shape: batches of different lengths (padded rows) reuse it, where a buffer per shape would add
+    one for every length seen. A view is valid until the next call for the same role."""
     device = torch.device(device)
     if device.type != "cpu":
         return None
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (shape, dtype, device)
-    if key not in buffers:
-        buffers[key] = torch.empty(shape, dtype=dtype, device=device)
-    return buffers[key]
+    key = (role, dtype, device)
+    numel = math.prod(shape)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
 
 
 class _DequantizedMatmul(torch.autograd.Function):
@@ -128,11 +135,11 @@ class QuantLinear(nn.Module):
 
     def _dequantize_for_matmul(self) -> Tensor:
         """The dense weight in compute dtype, in this thread's scratch buffer: valid until the next
-        call for a weight of the same shape, so only for a matmul that consumes it at once."""
+        call for any quantized weight, so only for a matmul that consumes it at once."""
         if self.dense_cache is not None and self.dense_cache.dtype == self.compute_dtype:
             return self.dense_cache
         device = self._buffers[f"qweight_{self._tensor_names[0]}"].device
-        out = scratch_buffer((self.out_features, self.in_features), self.compute_dtype, device)
+        out = scratch_buffer("dense_weight", (self.out_features, self.in_features), self.compute_dtype, device)
         return self.fmt.dequantize(self.qweight, self.compute_dtype, out=out)  # out None: a fresh tensor
 
     def forward(self, x: Tensor) -> Tensor:

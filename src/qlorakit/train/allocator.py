@@ -1,18 +1,24 @@
-"""Give freed activation memory back to the operating system during training (glibc only).
+"""Fix glibc's mmap threshold for a training run on the CPU (glibc only).
 
-glibc's malloc serves allocations above a threshold with mmap and frees them with munmap, but it
-raises that threshold dynamically (up to 32 MiB) each time such a block is freed; after the
-first backward pass most activation tensors (1–10 MiB each) then come from the heap, whose freed
-space stays in the process. Fixing the threshold at 1 MiB keeps every tensor of that size on
-mmap, so the peak resident size tracks the live tensors: on SmolLM2 4 x 256, fp32, the whole-
-process peak is 1.9 GiB with it and 2.8 GiB with a 32 MiB threshold (`make bench`, rows qlorakit
-and qlorakit_heap; `MALLOC_MMAP_THRESHOLD_` has the same effect from the environment). The price
-is page faults on every fresh tensor: 132–140 instead of 145–168 tokens/s there (two runs)
-(quantized weights and dropped-out inputs already live in reused buffers, see quant/linear.py
-`scratch_buffer`). qlorakit takes the predictable memory (`qlorakit plan` is calibrated on it);
-a user who prefers the speed sets the threshold in the environment, e.g.
-`MALLOC_MMAP_THRESHOLD_=33554432`, which this function then leaves alone.
-Other C libraries are left alone.
+glibc's malloc serves allocations above a threshold with mmap and frees them with munmap, and
+raises that threshold dynamically (up to 32 MiB) each time such a block is freed, so where a
+tensor lands depends on the run's history. qlorakit fixes it for the run:
+
+    bf16 without activation checkpointing: 32 MiB ("reuse"). Activation tensors (1-10 MiB on
+           SmolLM2) come from the heap and reuse freed memory. A fresh mmap block is zero-filled
+           by the kernel page by page; on SmolLM2 4 x 256 a step allocates about 3 GiB of such
+           tensors, and at bf16 speed that costs a third of the step: 2.0 s against 2.7 s per
+           step, peak RSS 1.79 GiB against 1.37 GiB after 12 steps (heap fragmentation grows
+           over the first steps, then holds).
+    otherwise: 1 MiB ("return"). Every tensor of 1 MiB or more is mmapped and given back when
+           freed, so the peak tracks the live tensors. In fp32 the heap would cost 900 MiB more
+           peak (2.9 against 2.0 GiB on SmolLM2 4 x 256) for a few percent of speed; with
+           checkpointing, which a user turns on to save memory, 445 MiB more on SmolLM2 bf16
+           4 x 512 (1.30 GiB against 0.85 GiB planned for the 1 MiB threshold).
+
+Measured with `bench/train_worker.py` (tokens/s, peak RSS) and mallinfo2 per step; `qlorakit
+plan` is calibrated on both modes (plan/estimate.py, allocator_slack). A user's own
+`MALLOC_MMAP_THRESHOLD_` in the environment wins and is left alone; other C libraries too.
 """
 
 from __future__ import annotations
@@ -23,16 +29,23 @@ import os
 import sys
 
 M_MMAP_THRESHOLD = -3  # <malloc.h>
-MMAP_THRESHOLD_BYTES = 1 << 20
+REUSE_THRESHOLD_BYTES = 32 << 20  # glibc's own ceiling for the dynamic threshold (64-bit)
+RETURN_THRESHOLD_BYTES = 1 << 20
 
 
-def return_freed_memory_to_os() -> bool:
-    """Set glibc's mmap threshold to 1 MiB (disabling its dynamic growth); True if it was set.
-    Not on other systems, and not when MALLOC_MMAP_THRESHOLD_ is set: the user chose."""
+def mmap_threshold_for(dtype: str, checkpointing: bool = False) -> int:
+    """The threshold qlorakit fixes for a run in compute dtype `dtype` (module docstring)."""
+    return REUSE_THRESHOLD_BYTES if dtype == "bf16" and not checkpointing else RETURN_THRESHOLD_BYTES
+
+
+def fix_mmap_threshold(dtype: str, checkpointing: bool = False) -> bool:
+    """Set glibc's mmap threshold for a run in compute dtype `dtype` (disabling its dynamic
+    growth); True if it was set. Not on other systems, and not when MALLOC_MMAP_THRESHOLD_ is set:
+    the user chose."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold_for(dtype)))
     except (OSError, AttributeError):  # musl and others have no mallopt: nothing to tune
         return False

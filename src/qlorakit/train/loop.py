@@ -38,7 +38,7 @@ from qlorakit.models.load import load_model, load_tokenizer
 from qlorakit.models.sources import resolve_source
 from qlorakit.quant.linear import cached_dense_weights
 from qlorakit.train import checkpoint as ckpt
-from qlorakit.train.allocator import return_freed_memory_to_os
+from qlorakit.train.allocator import fix_mmap_threshold
 from qlorakit.train.distributed import World, init_world, shutdown
 from qlorakit.train.loss import causal_lm_loss
 from qlorakit.train.metrics import MetricsLog, plot_loss, read_metrics, sparkline
@@ -159,7 +159,7 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
     t = cfg.train
     run_dir = Path(t.output_dir)
     world = init_world()
-    return_freed_memory_to_os()  # predictable peak RSS on glibc (see train/allocator.py)
+    fix_mmap_threshold(cfg.model.dtype, t.gradient_checkpointing)  # heap reuse or mmap (train/allocator.py)
     device = device or (f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     progress = progress and world.is_main
     if world.size > 1 and world.is_main:
