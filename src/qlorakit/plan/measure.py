@@ -35,6 +35,8 @@ CONFIGS: list[dict] = [
      "dtype": "bf16", "steps": 8},
     {"name": "tiny-h512-L8 b2 T1024 bf16", "model": "tiny-wide", "batch_size": 2, "max_length": 1024,
      "checkpointing": False, "dtype": "bf16", "steps": 8},
+    {"name": "tiny-h256-L4 b8 T512 ckpt bf16", "model": "tiny", "batch_size": 8, "max_length": 512, "checkpointing": True,
+     "dtype": "bf16", "steps": 8},
     {"name": "smollm2 b4 T256 bf16", "model": "smollm2", "batch_size": 4, "max_length": 256, "checkpointing": False,
      "dtype": "bf16", "steps": 8},
     {"name": "smollm2 b4 T512 ckpt bf16", "model": "smollm2", "batch_size": 4, "max_length": 512, "checkpointing": True,

@@ -66,7 +66,7 @@ _LABELS = {
     "adapters": "adapters (fp32)", "gradients": "adapter gradients (fp32)", "optimizer": "optimizer states",
     "activations": "activations", "loss": "logits + cross-entropy", "transient": "dequantized weight + grad buffers",
     "recompute": "layer rebuilt in backward (beyond loss)",
-    "allocator_slack": "allocator slack (retained, calibrated)", "framework": "framework (torch, transformers, tokenizer)",
+    "allocator_slack": "allocator slack (calibrated)", "framework": "framework (torch, transformers, tokenizer)",
 }
 
 
