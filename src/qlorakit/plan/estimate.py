@@ -71,15 +71,17 @@ RETAINED_FRACTION_CHECKPOINTING = 0.125
 # bf16 without checkpointing trains on glibc's heap (train/allocator.py): the freed dense model is
 # reused, but the heap fragments over the first steps, so that at the peak it holds free space of
 # about this fraction of the activations plus this multiple of the loss's blocks (its bf16 logits
-# blocks live in the heap too). Fitted on the four bf16 runs of bench/results/plan_accuracy.json
-# (8 steps each; within 3.5% there); not derived.
+# blocks live in the heap too). Fitted on a first pass of the four bf16 runs of
+# bench/results/plan_accuracy.json (8 steps each; within 3.5% there, -0.6% to +6.0% on the next
+# pass, which the file holds); not derived.
 HEAP_FRAGMENTATION_OF_ACTIVATIONS = 0.82
 HEAP_FRAGMENTATION_OF_LOSS = 2.6
 # bf16 with checkpointing trains with the 1 MiB threshold, but many bf16 tensors (k and v, the
 # adapters' rank-r tensors) stay under it and fragment the heap as the layers are rebuilt, step
 # after step: free space of about this fraction of the activations a step without checkpointing
-# would hold, plus the same multiple of the loss. Fitted on the two bf16 checkpointing runs of
-# bench/results/plan_accuracy.json; not derived. fp16 is not measured and keeps the fp32 fractions.
+# would hold, plus the same multiple of the loss. Fitted on a first pass of the two bf16
+# checkpointing runs of bench/results/plan_accuracy.json (the file holds the next: +2.5%, +4.0%);
+# not derived. fp16 is not measured and keeps the fp32 fractions.
 HEAP_FRAGMENTATION_CHECKPOINTING_BF16 = 0.35
 CUDA_CONTEXT = 600 * MIB  # CUDA context + cuBLAS workspace, outside torch's allocated bytes
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}

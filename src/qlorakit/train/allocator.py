@@ -12,9 +12,10 @@ tensor lands depends on the run's history. qlorakit fixes it for the run:
            over the first steps, then holds).
     otherwise: 1 MiB ("return"). Every tensor of 1 MiB or more is mmapped and given back when
            freed, so the peak tracks the live tensors. In fp32 the heap would cost 900 MiB more
-           peak (2.9 against 2.0 GiB on SmolLM2 4 x 256) for a few percent of speed; with
-           checkpointing, which a user turns on to save memory, 445 MiB more on SmolLM2 bf16
-           4 x 512 (1.30 GiB against 0.85 GiB planned for the 1 MiB threshold).
+           peak (2.9 against 2.0 GiB on SmolLM2 4 x 256) for a few percent of speed. With
+           checkpointing in bf16 the two thresholds measured close (SmolLM2 4 x 512, 8 steps:
+           1.30 GiB on the heap, 1.19-1.26 GiB at 1 MiB, where many bf16 tensors are under 1 MiB
+           anyway); checkpointing stays at 1 MiB because `qlorakit plan` is calibrated there.
 
 Measured with `bench/train_worker.py` (tokens/s, peak RSS) and mallinfo2 per step; `qlorakit
 plan` is calibrated on both modes (plan/estimate.py, allocator_slack). A user's own
