@@ -198,6 +198,7 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
     trainable = sum(a.r * (in_f + out_f) for in_f, out_f in shapes.lora)
     by_format = quantized_bytes(shapes, cfg.quant.group_size, cfg.quant.double_quant)
     share = processes if fsdp else 1
+    activations_without_checkpointing = activation_bytes(shapes, batch, seq, e, a.r, a.dropout, False)
     parts = {
         "quantized_weights": sum(by_format.values()) // share,
         "dense_weights": shapes.dense_parameters * e // share,
@@ -218,7 +219,7 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
     if device == "cpu":
         parts["allocator_slack"] = allocator_slack_bytes(
             cfg.model.dtype, t.gradient_checkpointing, shapes.parameters * e, parts["activations"], parts["loss"],
-            activation_bytes(shapes, batch, seq, e, a.r, a.dropout, False))
+            activations_without_checkpointing)
         parts["framework"] = rss_base
         load = rss_base + shapes.parameters * e + sum(by_format.values()) + shapes.mapped_bytes
     else:
@@ -229,7 +230,7 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         model=shapes.name, device=device, processes=processes, fsdp=fsdp, batch_size=batch, max_length=seq,
         gradient_checkpointing=t.gradient_checkpointing, dtype=cfg.model.dtype, parts=parts,
         weights_by_format=by_format, load_bytes=load, train_bytes=train, peak_bytes=max(load, train),
-        activations_without_checkpointing=activation_bytes(shapes, batch, seq, e, a.r, a.dropout, False),
+        activations_without_checkpointing=activations_without_checkpointing,
         activations_with_checkpointing=activation_bytes(shapes, batch, seq, e, a.r, a.dropout, True),
         trainable_parameters=trainable,
     )
