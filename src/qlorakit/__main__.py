@@ -1,3 +1,3 @@
-from qlorakit.cli import main
+from qlorakit.cli import run
 
-raise SystemExit(main())
+run()

@@ -227,5 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The `qlorakit` executable: `main`, then exit without the interpreter's teardown (process_exit.py)."""
+    from qlorakit.process_exit import exit_without_teardown
+
+    exit_without_teardown(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -143,6 +143,17 @@ def test_damaged_base_model(damage, runs, tmp_path, tiny_model_dir):
     assert snapshot(run, base) == before
 
 
+def test_unfaithful_merge_removes_the_weights_written_meanwhile(runs, tmp_path):
+    """The weights are written in the background while the fidelity report runs (merge/write.py
+    StagedWrite): a refusal (min agreement above 1) removes them; nothing is left at or beside `out`."""
+    run = _copy_run(runs[0], tmp_path)
+    out = tmp_path / "merged"
+    before = snapshot(run)
+    assert_cli_error(run_cli("merge", run, "--out", out, "--dtype", "fp32", "--min-agreement", "1.01"), "merge", "not faithful")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert snapshot(run) == before
+
+
 def test_merge_killed_before_the_rename_leaves_no_model_at_out(runs, tmp_path):
     """Every file written, then SIGKILL: `out` does not exist; the work sits in a hidden temporary."""
     out = tmp_path / "merged"

@@ -80,8 +80,8 @@ class LoraLinear(nn.Module):
                                    self.training, self.pooling_group_size)  # y + s·B A dropout(x), into y
 
     def delta_weight(self) -> Tensor:
-        """Dense update ΔW = s · B A as (out_features, in_features), fp32."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, r) @ (r, in)
+        """Dense update ΔW = s · B A as (out_features, in_features), fp32, a new tensor the caller owns."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()).mul_(self.scaling)  # (out, r) @ (r, in)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.use_rslora}"

@@ -47,7 +47,7 @@ class QALoraLinear(LoraLinear):
     def group_delta(self) -> Tensor:
         """Per-group update ΔW_g = s · (in/G) / G · B A, shape (out_features, in_features / G), fp32."""
         ba = self.lora_B.weight.float() @ self.lora_A.weight.float()  # (out, r) @ (r, in/G)
-        return ba * (self.scaling * self.n_groups / self.group_size)
+        return ba.mul_(self.scaling * self.n_groups / self.group_size)
 
     def delta_weight(self) -> Tensor:
         """Dense (out_features, in_features) update: each group's value repeated G times."""

@@ -61,11 +61,13 @@ def base_weight(module: nn.Module, original_weight: Tensor | None = None) -> tup
     return weight.float(), base.bias, layout
 
 
+@torch.no_grad()
 def fold_layer(module: nn.Module, original_weight: Tensor | None = None) -> tuple[Tensor, Tensor | None, str]:
     """(W₀ + ΔW in fp32 as (out_features, in_features), bias, source layout); see `base_weight`."""
     weight, bias, layout = base_weight(module, original_weight)
     if isinstance(module, LoraLinear):
-        weight = weight + module.delta_weight().to(weight.device)  # (out, in) fp32
+        delta = module.delta_weight().to(weight.device)  # (out, in) fp32, our own tensor
+        weight = torch.add(weight, delta, out=delta)  # W₀ + ΔW into ΔW's memory: one fresh 4·out·in bytes, not two
     return weight, bias, layout
 
 

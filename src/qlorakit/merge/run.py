@@ -108,9 +108,7 @@ def merge_loaded(
     take the exact fold (`merge_exact`; `dtype` and `keep_lm_head_fp16` do not apply there);
     everything else is the 16-bit merge.
     """
-    from qlorakit.merge.requantize import requantize_like_peft
-    from qlorakit.merge.survival import update_survivals
-    from qlorakit.merge.write import save_merged
+    from qlorakit.merge.write import StagedWrite
 
     exact = exact_merge_format(cfg, out, into, requantize, keep_quantized)
     if exact is not None:
@@ -119,6 +117,34 @@ def merge_loaded(
     adapter_model, tokenizer = loaded.model, loaded.tokenizer
     original = original_weights_of(loaded.source) if into == "original" else None
     merged = merge_to_dense(adapter_model, to_torch_dtype(dtype), keep_lm_head_fp16, original)
+    # The weights are written into a hidden directory while the fidelity report runs; it becomes
+    # `out` only if the merge is faithful (or forced), and is removed otherwise.
+    staged = StagedWrite(merged, tokenizer, out, overwrite=overwrite) if out is not None else None
+    try:
+        report, fidelity, rq_fidelity, survival, rq_survival, requantized = _check_merge(
+            adapter_model, merged, tokenizer, cfg, dtype, into, keep_lm_head_fp16, requantize, force, min_agreement, original)
+        out_dir = None
+        if staged is not None:
+            spec = spec or metadata.build_spec(cfg, loaded.source.name, Path(cfg.data.path).stem, loaded.source.location)
+            head = report["lm_head_dtype"]
+            files = {"quantization.json": metadata.merged_spec(spec, dtype, into, head), "merge_report.json": report}
+            out_dir = staged.commit(files)
+    except BaseException:
+        if staged is not None:
+            staged.discard()
+        raise
+    return MergeResult(out_dir, fidelity, rq_fidelity, survival, rq_survival, report, time.perf_counter() - started, merged,
+                       requantized)
+
+
+def _check_merge(adapter_model, merged, tokenizer, cfg, dtype: str, into: str, keep_lm_head_fp16: bool,
+                 requantize: str | None, force: bool, min_agreement: float, original):
+    """The fidelity report and update survival of a 16-bit merge (and of its re-quantized twin);
+    raises unless faithful or forced. Returns (report, fidelity, rq_fidelity, survival, rq_survival,
+    requantized model)."""
+    from qlorakit.merge.requantize import requantize_like_peft
+    from qlorakit.merge.survival import update_survivals
+
     prompts = probe_set(training_prompts(cfg.data.path))
     # The adapter model's answers, run once, at the merged model's precision: the report then
     # measures the merge, not the gap between bf16 and fp32 arithmetic (models/precision.py).
@@ -134,12 +160,11 @@ def merge_loaded(
     survival = survivals[0].to_dict()
     if requantize:
         rq_survival = survivals[1].to_dict()
-    head = "fp16" if keep_lm_head_fp16 else dtype
     report = {
         "run": str(cfg.train.output_dir),
         "dtype": dtype,
         "into": into,
-        "lm_head_dtype": head,
+        "lm_head_dtype": "fp16" if keep_lm_head_fp16 else dtype,
         "min_agreement": min_agreement,
         "faithful": fidelity.greedy_token_agreement >= min_agreement,
         "fidelity": fidelity.to_dict(),
@@ -156,13 +181,7 @@ def merge_loaded(
                 raise type(error)(f"{error} (casting the merged weights to {dtype} kept {survival['kept']:.3f} of the "
                                   f"update with noise {survival['noise']:.3f}; --dtype fp32 keeps it whole)") from None
             raise
-    out_dir = None
-    if out is not None:
-        spec = spec or metadata.build_spec(cfg, loaded.source.name, Path(cfg.data.path).stem, loaded.source.location)
-        files = {"quantization.json": metadata.merged_spec(spec, dtype, into, head), "merge_report.json": report}
-        out_dir = save_merged(merged, tokenizer, out, extra_files=files, overwrite=overwrite)
-    return MergeResult(out_dir, fidelity, rq_fidelity, survival, rq_survival, report, time.perf_counter() - started, merged,
-                       requantized)
+    return report, fidelity, rq_fidelity, survival, rq_survival, requantized
 
 
 def is_gguf_path(out: str | Path | None) -> bool:

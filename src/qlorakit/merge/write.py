@@ -103,40 +103,78 @@ def save_merged(
         MergeWriteError: `out_dir` is a file, or exists and is not empty (without overwrite), or
             its file system has less free space than the state dict's size + 10%.
     """
-    out = Path(out_dir)
-    for name in extra_files or {}:
-        if Path(name).name != name:
-            raise MergeWriteError(f"extra file {name!r}: give a plain file name, it is written inside {out}")
+    return StagedWrite(model, tokenizer, out_dir, max_shard_size, overwrite).commit(extra_files or {})
+
+
+class StagedWrite:
+    """`save_merged` in two halves, so that the weights are written while the caller works on.
+
+        StagedWrite(model, tokenizer, out)  checks `out` and the free space, then writes the
+                                            weights and config.json into a hidden sibling
+                                            `.{name}.tmp-XXXX` in a background thread
+        .commit(extra_files)                waits for them, adds the tokenizer and `extra_files`,
+                                            renames the directory to `out`; returns `out`
+        .discard()                          waits for them and removes the temporary directory
+
+    The thread only reads the model (`merge/run.py` runs the fidelity report meanwhile); the
+    tokenizer is touched in the caller's thread only. Nothing appears at `out` before `commit`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB",
+                 overwrite: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
+        out = Path(out_dir)
+        _check_out(out, overwrite)
+        check_disk_space(out, int(state_dict_bytes(model) * 1.1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.out, self.tokenizer = out, tokenizer
+        self.staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlorakit-write")
+        self._weights = self._executor.submit(_write_model, model, self.staging, max_shard_size)
+        self._executor.shutdown(wait=False)
+
+    def commit(self, extra_files: dict[str, dict]) -> Path:
+        try:
+            for name in extra_files:
+                if Path(name).name != name:
+                    raise MergeWriteError(f"extra file {name!r}: give a plain file name, it is written inside {self.out}")
+            _write_all(self._weights, self.tokenizer, self.staging, extra_files)
+            _move_into_place(self.staging, self.out)
+        except BaseException:
+            self.discard()
+            raise
+        return self.out
+
+    def discard(self) -> None:
+        self._weights.exception()  # wait: the thread may still be writing into the directory
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MergeWriteError(f"{out}: exists and is a file; choose another output directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MergeWriteError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
-    check_disk_space(out, int(state_dict_bytes(model) * 1.1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        _write_all(model, tokenizer, staging, max_shard_size, extra_files or {})
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
 
 
-def _write_all(model: nn.Module, tokenizer, directory: Path, max_shard_size, extra_files: dict[str, dict]) -> None:
-    dtype = main_dtype(model)
-    original_config = model.config
-    model.config = clean_config(original_config)  # no quantization_config / GGUF attributes in config.json
-    try:
-        model.save_pretrained(directory, max_shard_size=max_shard_size)
-    finally:
-        model.config = original_config
-    # save_pretrained records the dtype of the first parameter; a tied fp16 embedding (fp16
-    # head kept in a bf16 merge) would make transformers load the whole model as fp16.
+def _write_model(model: nn.Module, directory: Path, max_shard_size) -> None:
+    """Weights, generation_config.json and a config.json without source attributes, in the
+    dtype most of the weights have (save_pretrained records the first parameter's: a tied fp16
+    embedding, the fp16 head of a bf16 merge, would make transformers load the whole model as fp16)."""
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    config = clean_config(model.config)  # no quantization_config / GGUF attributes in config.json
+    config.save_pretrained(directory)
     config_path = directory / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    saved["dtype"] = str(main_dtype(model)).removeprefix("torch.")
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_all(weights, tokenizer, directory: Path, extra_files: dict[str, dict]) -> None:
+    """Complete the staging directory: the weights (`weights`, the writing thread's future), the
+    tokenizer with its chat template, and the extra JSON files."""
+    weights.result()  # re-raises what the writing thread raised
     tokenizer.save_pretrained(directory)
     for name, content in extra_files.items():
         (directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
