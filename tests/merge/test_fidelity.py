@@ -8,12 +8,15 @@ import torch
 
 from qlorakit.merge.fidelity import (
     DEFAULT_PROBES,
+    ProbeOutputs,
     UnfaithfulMergeError,
     check_faithful,
+    check_probes,
     encode_prompt,
     fidelity_report,
     run_probes,
     probe_set,
+    verify_batch,
 )
 from qlorakit.merge.fold import merge_to_dense
 from tests.merge.conftest import CONFIGS, adapter_model
@@ -105,3 +108,46 @@ def test_probe_set_puts_training_prompts_first_without_duplicates():
     assert prompts[2:] == list(DEFAULT_PROBES[1:])
     with pytest.raises(ValueError, match="no probe prompts"):
         fidelity_report(None, None, None, [])
+
+
+def _damaged(model, seed=0):
+    """Noise on one MLP output weight (llama's down_proj, GPT-2's c_proj)."""
+    layer = model.model.layers[1].mlp.down_proj if hasattr(model, "model") else model.transformer.h[1].mlp.c_proj
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        layer.weight.add_(torch.randn_like(layer.weight) * 4)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_checked_generations_are_the_decoded_ones(arch, tiny_tokenizer):
+    """check_probes (one verifying pass, step-by-step decoding only where a row differs) gives
+    run_probes' logits bit for bit and its generations, on a faithful and on a damaged candidate."""
+    model = adapter_model(CONFIGS[arch]())
+    reference = run_probes(model, tiny_tokenizer, PROMPTS, max_new_tokens=8)
+    merged = merge_to_dense(model, torch.float32)
+    candidates = {"merged": merged, "damaged": _damaged(copy.deepcopy(merged))}
+    for name, candidate in candidates.items():
+        decoded = run_probes(candidate, tiny_tokenizer, PROMPTS, max_new_tokens=8, stop_ids=reference.stop_ids)
+        checked = check_probes(candidate, tiny_tokenizer, reference)
+        assert checked.generations == decoded.generations
+        assert all(torch.equal(a, b) for a, b in zip(checked.logits, decoded.logits))
+        assert (decoded.generations == reference.generations) == (name == "merged")  # damaged: the decoding path
+
+
+def test_verify_batch_finds_the_first_wrong_token_and_every_row_stands_alone(tiny_tokenizer):
+    model = merge_to_dense(adapter_model(CONFIGS["llama"]()), torch.float32)
+    reference = run_probes(model, tiny_tokenizer, PROMPTS, max_new_tokens=8)
+    pad = tiny_tokenizer.pad_token_id
+    generations = [list(g) for g in reference.generations]
+    assert verify_batch(model, reference.encoded, generations, pad)[1] == [True] * len(PROMPTS)
+    vocab = model.config.vocab_size
+    for position in (0, len(generations[1]) - 1):  # the first and the last token of row 1
+        wrong = [list(g) for g in generations]
+        wrong[1][position] = (wrong[1][position] + 1) % vocab
+        assert verify_batch(model, reference.encoded, wrong, pad)[1] == [row != 1 for row in range(len(PROMPTS))]
+    shorter = [list(g) for g in generations]
+    shorter[2] = shorter[2][:1]  # a correct prefix: verified, but check_probes decodes it (it did not end)
+    assert verify_batch(model, reference.encoded, shorter, pad)[1][2]
+    cut = ProbeOutputs(reference.prompts, reference.encoded, reference.logits, shorter, reference.stop_ids, 8)
+    assert check_probes(model, tiny_tokenizer, cut).generations == reference.generations

@@ -8,7 +8,9 @@ prompt position t = 1..T are cast to fp32 and compared, pooled over all position
     mean_kl                = mean_t Σ_v p_ref[t,v] (log p_ref[t,v] − log p_cand[t,v])   (KL(ref ‖ cand), nats)
     greedy_token_agreement = mean_t [argmax_v z_ref[t] = argmax_v z_cand[t]]
     generations_equal      = the greedy continuations (max_new_tokens, stopping at EOS) of every
-                             prompt are the same token ids
+                             prompt are the same token ids; the reference decodes step by step,
+                             the candidate is checked against it in one pass (`verify_batch`) and
+                             decodes step by step only where its continuation differs
 
 Agreement is measured on the prompt positions (teacher-forced), so one early divergence does not
 decide every later position; the generations then show whether the divergences matter.
@@ -124,14 +126,10 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def probe_batch(
-    model: nn.Module, batch: list[list[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int
-) -> tuple[list[Tensor], list[list[int]]]:
-    """Per prompt: fp32 logits over its positions (T_i, vocab) and its greedy continuation.
+def _prefill(model: nn.Module, batch: list[list[int]], pad_id: int):
+    """The prompts as one left-padded batch with a KV cache (position ids count real tokens only).
 
-    The prompts run as one left-padded batch with a KV cache (position ids count real tokens
-    only), so a quantized model dequantizes its layers once per step, not once per prompt and
-    step. A row that reached EOS keeps being fed tokens that are then ignored.
+    Returns (output, mask (B, W), positions (B, W), per-prompt fp32 logits (T_i, V)).
     """
     device = _device(model)
     width = max(len(ids) for ids in batch)
@@ -145,6 +143,20 @@ def probe_batch(
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
     logits = out.logits.float().cpu()  # (B, W, V)
     prompt_logits = [logits[row, width - len(ids):] for row, ids in enumerate(batch)]  # (T_i, V) each
+    return out, mask, positions, prompt_logits
+
+
+@torch.no_grad()
+def probe_batch(
+    model: nn.Module, batch: list[list[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int
+) -> tuple[list[Tensor], list[list[int]]]:
+    """Per prompt: fp32 logits over its positions (T_i, vocab) and its greedy continuation.
+
+    The prompts run as one left-padded batch with a KV cache (position ids count real tokens
+    only), so a quantized model dequantizes its layers once per step, not once per prompt and
+    step. A row that reached EOS keeps being fed tokens that are then ignored.
+    """
+    out, mask, positions, prompt_logits = _prefill(model, batch, pad_id)
     generated: list[list[int]] = [[] for _ in batch]
     done = [max_new_tokens <= 0] * len(batch)
     next_logits = out.logits[:, -1]  # (B, V)
@@ -162,6 +174,37 @@ def probe_batch(
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
         next_logits = out.logits[:, -1]  # (B, 1, V) -> (B, V)
     return prompt_logits, generated
+
+
+@torch.no_grad()
+def verify_batch(
+    model: nn.Module, batch: list[list[int]], continuations: list[list[int]], pad_id: int
+) -> tuple[list[Tensor], list[bool]]:
+    """Per prompt: fp32 logits over its positions (as `probe_batch`) and whether `model`'s greedy
+    continuation is the given one, checked in one pass instead of one step per token.
+
+    With the continuation g fed after the prompt p (KV cache), the model's greedy continuation is
+    g exactly when argmax z(p + g[:j]) = g[j] for every j < len(g): by induction each greedy step
+    then picks g[j], and g ends where the reference stopped (EOS or max_new_tokens), which the
+    model's own decoding would reach at the same token. This is how speculative decoding checks a
+    draft. Rows are right-padded to the longest g; what follows a row's end is ignored.
+    """
+    out, mask, positions, prompt_logits = _prefill(model, batch, pad_id)
+    longest = max((len(g) for g in continuations), default=0)
+    if longest == 0:
+        return prompt_logits, [True] * len(batch)
+    predicted = out.logits[:, -1].float().argmax(dim=-1)[:, None]  # (B, 1): predicts g[0]
+    if longest > 1:
+        fed = torch.full((len(batch), longest - 1), pad_id, dtype=torch.long)  # (B, n - 1): g[:-1]
+        for row, g in enumerate(continuations):
+            fed[row, : max(len(g) - 1, 0)] = torch.tensor(g[:-1], dtype=torch.long)
+        fed = fed.to(mask.device)
+        mask = torch.cat([mask, mask.new_ones(len(batch), longest - 1)], dim=1)  # (B, W + n - 1)
+        steps = torch.arange(1, longest, device=positions.device)  # (n - 1,)
+        later = model(input_ids=fed, attention_mask=mask, position_ids=positions[:, -1:] + steps,
+                      past_key_values=out.past_key_values, use_cache=True).logits  # (B, n - 1, V)
+        predicted = torch.cat([predicted, later.float().argmax(dim=-1)], dim=1)  # (B, n): [:, j] predicts g[j]
+    return prompt_logits, [predicted[row, : len(g)].tolist() == g for row, g in enumerate(continuations)]
 
 
 def _stop_ids(tokenizer, model: nn.Module) -> set[int]:
@@ -218,6 +261,29 @@ def run_probes(
     return ProbeOutputs(list(prompts), encoded, logits, generations, stop, max_new_tokens)
 
 
+def check_probes(model: nn.Module, tokenizer, reference: ProbeOutputs, batch_size: int = 8) -> ProbeOutputs:
+    """`run_probes(model, ...)` on `reference`'s prompts, its generations found by checking the
+    reference's (`verify_batch`, one pass per batch); only rows whose greedy continuation
+    differs (or a reference continuation that did not end at a stop token or max_new_tokens)
+    are decoded step by step (`probe_batch`), to show what `model` says instead."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logits: list[Tensor] = []
+    generations: list[list[int]] = []
+    with _eval_mode(model):
+        for start in range(0, len(reference.encoded), batch_size):
+            batch = reference.encoded[start : start + batch_size]
+            expected = reference.generations[start : start + batch_size]
+            batch_logits, same = verify_batch(model, batch, expected, pad_id)
+            ended = [len(g) == reference.max_new_tokens or (g and g[-1] in reference.stop_ids) for g in expected]
+            differ = [row for row, (ok, end) in enumerate(zip(same, ended)) if not (ok and end)]
+            own = dict(zip(differ, probe_batch(model, [batch[row] for row in differ], reference.max_new_tokens,
+                                               reference.stop_ids, pad_id)[1])) if differ else {}
+            logits += batch_logits
+            generations += [own.get(row, g) for row, g in enumerate(expected)]
+    return ProbeOutputs(list(reference.prompts), reference.encoded, logits, generations, reference.stop_ids,
+                        reference.max_new_tokens)
+
+
 def fidelity_report(
     reference_model: nn.Module | None,
     candidate_model: nn.Module,
@@ -242,8 +308,7 @@ def fidelity_report(
         reference = run_probes(reference_model, tokenizer, prompts, max_new_tokens, use_chat_template, batch_size)
     elif reference.prompts != list(prompts) or reference.max_new_tokens != max_new_tokens:
         raise ValueError("fidelity report: the reference probes were run on other prompts or max_new_tokens")
-    candidate = run_probes(candidate_model, tokenizer, prompts, max_new_tokens, use_chat_template, batch_size,
-                           stop_ids=reference.stop_ids)
+    candidate = check_probes(candidate_model, tokenizer, reference, batch_size)
     rows: list[ProbeRow] = []
     max_diff, kl_sum, agree, positions = 0.0, 0.0, 0, 0
     for index, ids in enumerate(reference.encoded):
