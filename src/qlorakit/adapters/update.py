@@ -172,7 +172,8 @@ def zero_dropped(drop: Tensor, values: Tensor, out: Tensor | None = None) -> Ten
     if cached is not None and cached[0]() is drop and cached[1] == integer:
         keep_bits = cached[2]
     else:
-        keep_bits = drop.view(torch.uint8).to(integer).sub_(1)  # True (1) -> 0, False (0) -> -1 = all ones
+        keep_bits = torch.sub(drop.view(torch.int8), 1, out=torch.empty(drop.shape, dtype=integer, device=drop.device))
+        # True (1) -> 0, False (0) -> -1, sign-extended to all ones; one pass
         _last_keep_bits = (weakref.ref(drop), integer, keep_bits)
     result = torch.bitwise_and(values.view(integer), keep_bits, out=None if out is None else out.view(integer))
     return result.view(values.dtype)
@@ -202,17 +203,19 @@ def bernoulli_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
 
     On CUDA: `bernoulli_`. On CPU, torch's bernoulli_ runs about 18 ns per element (one Mersenne
     Twister draw each), which made dropout masks 13% of a SmolLM2 training step. Here one 63-bit
-    seed is drawn from torch's default generator and expanded by numpy's PCG64 into 32 random
-    bits per element: mask = bits < round(p · 2³²), so P(True) = p within 2⁻³³. The seed comes
-    from torch's generator, so `torch.manual_seed`, checkpointed RNG state (resume) and activation
+    seed is drawn from torch's default generator and expanded by numpy's PCG64 into 16 random
+    bits per element (four per 64-bit draw): mask = bits < round(p · 2¹⁶), so P(True) is p within
+    2⁻¹⁷ (0.05 becomes 0.0500031). 16 bits instead of 32 halve the draws: 0.74 against 1.55 ms for
+    4 x 256 x 1536 elements, about 50 ms of a 1.9 s SmolLM2 bf16 step. The seed comes from
+    torch's generator, so `torch.manual_seed`, checkpointed RNG state (resume) and activation
     checkpointing's replay of the RNG state give the same mask, as with bernoulli_.
     """
     if torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     count = math.prod(shape)
-    bits = np.random.PCG64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]  # 2 per 64-bit draw
-    threshold = np.uint32(min(round(p * 2**32), 2**32 - 1))
+    bits = np.random.PCG64(seed).random_raw((count + 3) // 4).view(np.uint16)[:count]  # 4 per 64-bit draw
+    threshold = np.uint16(min(round(p * 2**16), 2**16 - 1))
     return torch.from_numpy(bits < threshold).reshape(shape)
 
 

@@ -146,8 +146,13 @@ class Absmax4bit(QuantFormat):
         t = q.tensors
         if t["absmax"].dtype != torch.uint8:
             return t["absmax"]
-        nested = t["absmax_code"][t["absmax"].long()]  # (nblocks,)
-        return _expand_blockwise(nested, t["absmax_scale"], NESTED_GROUP_SIZE) + t["absmax_offset"]
+        nested = t["absmax_code"].index_select(0, t["absmax"].int())  # (nblocks,), a new tensor
+        n, full = nested.numel(), nested.numel() - nested.numel() % NESTED_GROUP_SIZE
+        scales = t["absmax_scale"]
+        nested[:full].view(-1, NESTED_GROUP_SIZE).mul_(scales[: full // NESTED_GROUP_SIZE, None])  # code · scale, per block
+        if full < n:
+            nested[full:].mul_(scales[-1])
+        return nested.add_(t["absmax_offset"])  # then + offset: two roundings, as bitsandbytes does them
 
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
         """Dense weight through bitsandbytes' functional kernel (about 9x faster than
