@@ -130,9 +130,9 @@ class StagedWrite:
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out, self.tokenizer = out, tokenizer
         self.staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlorakit-write")
-        self._weights = self._executor.submit(_write_model, model, self.staging, max_shard_size)
-        self._executor.shutdown(wait=False)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlorakit-write")
+        self._weights = pool.submit(_write_model, model, self.staging, max_shard_size)
+        pool.shutdown(wait=False)  # the thread ends with the write
 
     def commit(self, extra_files: dict[str, dict]) -> Path:
         try:
