@@ -172,8 +172,8 @@ def zero_dropped(drop: Tensor, values: Tensor, out: Tensor | None = None) -> Ten
     if cached is not None and cached[0]() is drop and cached[1] == integer:
         keep_bits = cached[2]
     else:
+        # One pass: True (1) -> 0, False (0) -> -1, which the cast to `integer` sign-extends to all ones.
         keep_bits = torch.sub(drop.view(torch.int8), 1, out=torch.empty(drop.shape, dtype=integer, device=drop.device))
-        # True (1) -> 0, False (0) -> -1, sign-extended to all ones; one pass
         _last_keep_bits = (weakref.ref(drop), integer, keep_bits)
     result = torch.bitwise_and(values.view(integer), keep_bits, out=None if out is None else out.view(integer))
     return result.view(values.dtype)
