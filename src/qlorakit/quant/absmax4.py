@@ -67,14 +67,15 @@ def _nearest_code(scaled: Tensor, code: Tensor) -> Tensor:
     return order[index]
 
 
-def _expand_blockwise(values: Tensor, scales: Tensor, group_size: int) -> Tensor:
-    """values (n,) * scales (ceil(n / group_size),), each scale repeated over its block."""
+def _expand_blockwise(values: Tensor, scales: Tensor, group_size: int, out: Tensor | None = None) -> Tensor:
+    """values (n,) * scales (ceil(n / group_size),), each scale repeated over its block; fp32,
+    into `out` if given (may be `values` itself)."""
     n = values.numel()
     full = n - n % group_size
-    out = torch.empty(n, dtype=torch.float32, device=values.device)
-    out[:full] = (values[:full].view(-1, group_size) * scales[: full // group_size].unsqueeze(1)).view(-1)
+    out = torch.empty(n, dtype=torch.float32, device=values.device) if out is None else out
+    torch.mul(values[:full].view(-1, group_size), scales[: full // group_size].unsqueeze(1), out=out[:full].view(-1, group_size))
     if full < n:
-        out[full:] = values[full:] * scales[-1]
+        torch.mul(values[full:], scales[-1], out=out[full:])
     return out
 
 
@@ -147,12 +148,8 @@ class Absmax4bit(QuantFormat):
         if t["absmax"].dtype != torch.uint8:
             return t["absmax"]
         nested = t["absmax_code"].index_select(0, t["absmax"].int())  # (nblocks,), a new tensor
-        n, full = nested.numel(), nested.numel() - nested.numel() % NESTED_GROUP_SIZE
-        scales = t["absmax_scale"]
-        nested[:full].view(-1, NESTED_GROUP_SIZE).mul_(scales[: full // NESTED_GROUP_SIZE, None])  # code · scale, per block
-        if full < n:
-            nested[full:].mul_(scales[-1])
-        return nested.add_(t["absmax_offset"])  # then + offset: two roundings, as bitsandbytes does them
+        scaled = _expand_blockwise(nested, t["absmax_scale"], NESTED_GROUP_SIZE, out=nested)  # code · scale, in place
+        return scaled.add_(t["absmax_offset"])  # then + offset: two roundings, as bitsandbytes does them
 
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
         """Dense weight through bitsandbytes' functional kernel (about 9x faster than
