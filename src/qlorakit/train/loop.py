@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from qlorakit import metadata
 from qlorakit.adapters.inject import add_adapters, trainable_parameters
 from qlorakit.adapters.peft_format import adapter_state_dict, save_adapter
+from qlorakit.adapters.siblings import group_sibling_projections
 from qlorakit.config import Config, save_config
 from qlorakit.data.collate import collate_packed, collate_padded, length_grouped_batches, pad_token_id
 from qlorakit.data.dataset import build_datasets
@@ -193,6 +194,7 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         group_size=cfg.adapter_group_size if cfg.adapter.kind == "qalora" else None,
     )
     use_fused_kernels(model)  # same outputs as transformers' RMSNorm/MLP, less saved for backward
+    group_sibling_projections(model)  # q/k/v and gate/up as one layer each (adapters/siblings.py)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
