@@ -8,16 +8,16 @@ For n LoRA layers i = 1..n over quantized bases W_i (out_i, in), all reading the
     h    = (x̃ Aᵀ) ⊙ c,  c_j = s_i / (1 − p) for the columns j of layer i          (N, n·r)
     Y    = x Wᵀ + h B_bdᵀ                 (N, Σout);  y_i = Y[:, columns of layer i]
 
-which is each layer's y_i = x W_iᵀ + s_i · B_i A_i x̃ (adapters/update.py), with x̃ the dropped-out
-x under the one mask the siblings already share. Backward, from g_Y = [g_1 … g_n]:
+which is each layer's y_i = x W_iᵀ + s_i · B_i A_i dropout(x) (adapters/update.py), with x̃ = x with
+the dropped elements zeroed under the one mask the siblings already share (1/(1 − p) is in c). Backward, from g_Y = [g_1 … g_n]:
 
     g_x   = g_Y W + ((g_Y B_bd ⊙ s) / (1 − p)) A, zeroed where x was dropped
     g_B_i = block i of g_Yᵀ h,   g_A_i = rows of layer i of (g_Y B_bd ⊙ s)ᵀ x̃ / (1 − p)
 
-One dequantized matmul, one x̃ Aᵀ, one addmm and one autograd node where there were n of each:
-on SmolLM2 (q, k, v and gate, up of 30 layers) this removes 90 of the step's 210 adapter nodes
-and as many base-layer ones, with their Python dispatch and per-node gradient sums. The
-block-diagonal B costs n times the rank-r FLOPs, which are under 1% of the base matmul's.
+One dequantized matmul, one x̃ Aᵀ, one addmm and one autograd node where there were n of each
+(and n more for the base layers): a SmolLM2 step's linear layers make 180 autograd nodes instead
+of 420, with their Python dispatch and per-node gradient sums. The block-diagonal B costs n times
+the rank-r FLOPs, which are under 1% of the base matmul's.
 
 Used only where it is known to be the same computation: the q/k/v of the Llama family's attention
 and the gate/up of its MLP (`group_sibling_projections`), plain LoRA over a QuantLinear without
