@@ -8,8 +8,9 @@ For n LoRA layers i = 1..n over quantized bases W_i (out_i, in), all reading the
     h    = (x̃ Aᵀ) ⊙ c,  c_j = s_i / (1 − p) for the columns j of layer i          (N, n·r)
     Y    = x Wᵀ + h B_bdᵀ                 (N, Σout);  y_i = Y[:, columns of layer i]
 
-which is each layer's y_i = x W_iᵀ + s_i · B_i A_i dropout(x) (adapters/update.py), with x̃ = x with
-the dropped elements zeroed under the one mask the siblings already share (1/(1 − p) is in c). Backward, from g_Y = [g_1 … g_n]:
+which is each layer's y_i = x W_iᵀ + s_i · B_i A_i dropout(x) (adapters/update.py): x̃ is x with
+the dropped elements zeroed under the one mask the siblings already share, and 1/(1 − p) is in c.
+Backward, from g_Y = [g_1 … g_n]:
 
     g_x   = g_Y W + ((g_Y B_bd ⊙ s) / (1 − p)) A, zeroed where x was dropped
     g_B_i = block i of g_Yᵀ h,   g_A_i = rows of layer i of (g_Y B_bd ⊙ s)ᵀ x̃ / (1 − p)
@@ -21,9 +22,10 @@ the rank-r FLOPs, which are under 1% of the base matmul's.
 
 Used only where it is known to be the same computation: the q/k/v of the Llama family's attention
 and the gate/up of its MLP (`group_sibling_projections`), plain LoRA over a QuantLinear without
-bias, bf16 compute, with gradients enabled (training). Anything else — QA-LoRA, fp32 or fp16
-compute, a disabled adapter, a cached dense weight, no-grad inference — takes each layer's own
-path, so merges and generation are unaffected.
+bias, bf16 compute on the CPU, with gradients enabled (training). Anything else — QA-LoRA, fp32 or
+fp16 compute, a disabled adapter, a cached dense weight, no-grad inference, CUDA (where
+bitsandbytes' kernels dequantize and this path is untested) — takes each layer's own path, so
+merges and generation are unaffected.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ from torch import Tensor, nn
 
 from qlorakit.adapters.lora import LoraLinear
 from qlorakit.adapters.update import _shared_packed, _shared_unpacked, _zeroed_input, shared_dropout_mask, zero_dropped
+from qlorakit.kernels.patch import LLAMA_FAMILY
 from qlorakit.quant.linear import QuantLinear, scratch_buffer
 
-ATTENTION_CLASSES = {f"{family}Attention" for family in ("Llama", "Mistral", "Qwen2", "Qwen3")}
+ATTENTION_CLASSES = {f"{family}Attention" for family in LLAMA_FAMILY}
 SIBLING_NAMES = {"attention": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
@@ -54,7 +57,7 @@ class SiblingGroup:
 
     def fusable(self, x: Tensor) -> bool:
         """Whether the fused path computes exactly what each member's own forward would."""
-        if not (torch.is_grad_enabled() and x.dtype == torch.bfloat16):
+        if not (torch.is_grad_enabled() and x.dtype == torch.bfloat16 and x.device.type == "cpu"):
             return False
         first = self.members[0]
         for m in self.members:
