@@ -87,9 +87,7 @@ class SiblingGroup:
         first = self.members[0].base_layer
         shape = (sum(self.out_features), first.in_features)
         device = first._buffers[f"qweight_{first._tensor_names[0]}"].device
-        out = scratch_buffer("sibling_weight", shape, torch.bfloat16, device)
-        if out is None:
-            out = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        out = scratch_buffer("sibling_weight", shape, torch.bfloat16, device)  # the path runs on the CPU only
         row = 0
         for m in self.members:
             base = m.base_layer
