@@ -20,8 +20,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _adapted_pair(dtype=torch.bfloat16, dropout=0.1, **config):
-    """(per-layer model, grouped model): the same NF4 tiny Llama with LoRA, B non-zero."""
-    model = build_tiny(tiny_llama_config(**config))
+    """(per-layer model, grouped model): the same NF4 tiny Llama with LoRA, B non-zero, whose
+    activations are in `dtype` (the compute dtype)."""
+    model = build_tiny(tiny_llama_config(**config), dtype=dtype)
     quantize_model(model, get_format("nf4"), dtype, progress=False)
     add_adapters(model, TARGETS, r=4, alpha=8, dropout=dropout)
     for module in model.modules():
@@ -32,11 +33,25 @@ def _adapted_pair(dtype=torch.bfloat16, dropout=0.1, **config):
     return model, grouped, group_sibling_projections(grouped)
 
 
+def _graph_node_names(tensor) -> set[str]:
+    """Names of every autograd node that `tensor` depends on."""
+    names, seen, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 def _loss_and_grads(model, ids, seed):
     torch.manual_seed(seed)  # the dropout masks come from torch's generator
     loss = model(input_ids=ids, labels=ids).loss
+    nodes = _graph_node_names(loss)
     loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, nodes
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -45,8 +60,9 @@ def test_grouped_training_step_matches_per_layer(dropout):
     assert groups == 2 * model.config.num_hidden_layers  # one attention and one MLP group per layer
     model.train(), grouped.train()
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    loss_ref, grads_ref = _loss_and_grads(model, ids, seed=3)
-    loss, grads = _loss_and_grads(grouped, ids, seed=3)
+    loss_ref, grads_ref, nodes_ref = _loss_and_grads(model, ids, seed=3)
+    loss, grads, nodes = _loss_and_grads(grouped, ids, seed=3)
+    assert "_SiblingProjectionsBackward" in nodes and "_SiblingProjectionsBackward" not in nodes_ref
     torch.testing.assert_close(loss, loss_ref, rtol=1e-2, atol=1e-2)
     assert grads.keys() == grads_ref.keys()
     for name, grad in grads.items():

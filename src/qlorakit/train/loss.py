@@ -46,8 +46,8 @@ def _chunk_loss(hidden: Tensor, weight: Tensor, target: Tensor, scale: Tensor, n
 
     The block and its head-dtype twin live in this thread's reusable buffers (`scratch_buffer`):
     a fresh (256, V) fp32 block is 48 MiB, above the 32 MiB mmap threshold of a bf16 run
-    (train/allocator.py), and was faulted in page by page for every chunk: 255-305 against
-    205-210 ms for the loss of a SmolLM2 4 x 256 batch, forward and backward.
+    (train/allocator.py), and was faulted in page by page for every chunk: 254-308 against
+    205-209 ms for the loss of a SmolLM2 4 x 256 batch, forward and backward.
     """
     shape = (hidden.shape[0], weight.shape[0])  # (c, V)
     head_out = torch.matmul(hidden, weight.t(), out=scratch_buffer("logits", shape, weight.dtype, hidden.device))  # (c, V)
