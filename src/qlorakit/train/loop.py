@@ -34,6 +34,7 @@ from qlorakit.adapters.siblings import group_sibling_projections
 from qlorakit.config import Config, save_config
 from qlorakit.data.collate import collate_packed, collate_padded, length_grouped_batches, pad_token_id
 from qlorakit.data.dataset import build_datasets
+from qlorakit.kernels.attention import use_stacked_gqa_attention
 from qlorakit.kernels.patch import use_fused_kernels
 from qlorakit.models.load import load_model, load_tokenizer
 from qlorakit.models.sources import resolve_source
@@ -195,6 +196,8 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
     )
     use_fused_kernels(model)  # same outputs as transformers' RMSNorm/MLP, less saved for backward
     group_sibling_projections(model)  # q/k/v and gate/up as one layer each (adapters/siblings.py)
+    if torch.device(device).type == "cpu":
+        use_stacked_gqa_attention(model)  # larger flash-attention blocks for grouped-query heads (kernels/attention.py)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
