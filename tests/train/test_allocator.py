@@ -49,7 +49,7 @@ _PROBE = textwrap.dedent("""
     libc.free.argtypes = [ctypes.c_void_p]
     if sys.argv[2] == "raise":
         libc.free(libc.malloc(4 << 20))
-    assert fix_mmap_threshold(sys.argv[1])
+    assert fix_mmap_threshold(sys.argv[1], checkpointing=sys.argv[3] == "checkpointing")
     before = libc.mallinfo2().hblkhd
     block = libc.malloc(2 << 20)
     mapped = libc.mallinfo2().hblkhd - before
@@ -58,11 +58,48 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("dtype, start, mmapped", [("fp32", "raise", True), ("bf16", "initial", False)])
-def test_glibc_serves_a_2_mib_block_as_the_threshold_says(dtype, start, mmapped):
-    out = subprocess.run([sys.executable, "-c", _PROBE, dtype, start], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("dtype, checkpointing, start, mmapped",
+                         [("fp32", "-", "raise", True), ("bf16", "-", "initial", False), ("bf16", "checkpointing", "raise", True)])
+def test_glibc_serves_a_2_mib_block_as_the_threshold_says(dtype, checkpointing, start, mmapped):
+    out = subprocess.run([sys.executable, "-c", _PROBE, dtype, start, checkpointing], capture_output=True, text=True, timeout=120)
     if "mallinfo2" in out.stderr:
         pytest.skip("glibc before 2.33 has no mallinfo2")
     assert out.returncode == 0, out.stderr
     mapped = json.loads(out.stdout.strip().splitlines()[-1])["mmapped_bytes"]
     assert (mapped >= 2 << 20) if mmapped else (mapped == 0), mapped
+
+
+# A freed 16 MiB heap block at the heap's top: handed back to the system (the heap shrinks, as
+# mallinfo2's arena shows) under glibc's 128 KiB trim threshold, kept in the reuse mode.
+_TRIM_PROBE = textwrap.dedent("""
+    import ctypes, json, os, sys
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        os.environ.pop(name, None)
+    from qlorakit.train.allocator import fix_mmap_threshold
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    if sys.argv[1] != "glibc":
+        assert fix_mmap_threshold(sys.argv[1])
+    libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: the 16 MiB block comes from the heap in every mode
+    block = libc.malloc(16 << 20)
+    grown = libc.mallinfo2().arena
+    libc.free(block)
+    print(json.dumps({"heap_given_back": grown - libc.mallinfo2().arena}))
+""")
+
+
+@pytest.mark.parametrize("mode, kept", [("glibc", False), ("bf16", True), ("fp32", False)])
+def test_the_reuse_mode_keeps_the_heaps_freed_top(mode, kept):
+    out = subprocess.run([sys.executable, "-c", _TRIM_PROBE, mode], capture_output=True, text=True, timeout=120)
+    if "mallinfo2" in out.stderr:
+        pytest.skip("glibc before 2.33 has no mallinfo2")
+    assert out.returncode == 0, out.stderr
+    given_back = json.loads(out.stdout.strip().splitlines()[-1])["heap_given_back"]
+    assert (given_back == 0) if kept else (given_back >= 15 << 20), given_back
