@@ -86,10 +86,12 @@ def test_grouped_layers_equal_plain_autograd_on_one_attention():
     torch.autograd.backward(outputs, grads_out)
     got = [x.grad] + [p.grad for m in members for p in (m.lora_A.weight, m.lora_B.weight)]
 
-    from qlorakit.adapters.update import _last_mask  # the mask the group drew for x
+    from qlorakit.adapters.update import _last_drawn  # the positions the group drew for x
 
-    assert _last_mask is not None and _last_mask[0]() is x
-    keep = ~_last_mask[2]
+    assert _last_drawn is not None and _last_drawn[0]() is x
+    keep = torch.ones(x.numel(), dtype=torch.bool)
+    keep[_last_drawn[2]] = False
+    keep = keep.view(x.shape)
     x_ref = x.detach().float().requires_grad_()
     weights = [(p.detach().clone().requires_grad_()) for m in members for p in (m.lora_A.weight, m.lora_B.weight)]
     dropped = x_ref * keep / (1 - 0.2)

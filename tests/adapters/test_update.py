@@ -8,15 +8,19 @@ import torch
 from qlorakit.adapters.update import (
     add_adapter_update_,
     adapter_update,
-    bernoulli_mask,
-    pack_mask,
-    pack_mask_torch,
+    draw_dropout_positions,
     pool_groups,
-    shared_dropout_mask,
-    unpack_mask,
-    unpack_mask_torch,
-    zero_dropped,
+    shared_dropout_positions,
+    zero_dropped_,
 )
+
+
+def _dropped_mask(shape, p) -> torch.Tensor:
+    """The bool mask (True = dropped) of one `draw_dropout_positions` draw."""
+    positions = draw_dropout_positions(torch.Size(shape), p, torch.device("cpu"))
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask.view(-1)[positions] = True
+    return mask
 
 
 def _reference(x, A, B, s, mask, keep, group_size):
@@ -45,8 +49,7 @@ def test_forward_and_gradients_match_autograd(dtype, group_size, dropout):
     torch.manual_seed(1)
     y = adapter_update(x, A, B, 0.5, dropout, training=True, group_size=group_size)
     torch.manual_seed(1)  # the same draw gives the reference the same mask
-    drop = bernoulli_mask(x.shape, dropout, x.device) if dropout else None
-    mask = ~drop if dropout else None
+    mask = ~_dropped_mask(x.shape, dropout) if dropout else None
     (y * grad_y).sum().backward()
     got = [t.grad.clone() for t in (x, A, B)]
     for t in (x, A, B):
@@ -62,45 +65,62 @@ def test_forward_and_gradients_match_autograd(dtype, group_size, dropout):
         assert (got[0].float() == 0).any(), "dropped elements must get no gradient"
 
 
-def test_mask_is_shared_by_readers_of_the_same_tensor_only():
+def test_positions_are_shared_by_readers_of_the_same_tensor_only():
     x, other = torch.randn(64, 16), torch.randn(64, 16)
-    first = shared_dropout_mask(x, 0.5)
-    assert shared_dropout_mask(x, 0.5) is first  # k and v after q
-    assert shared_dropout_mask(other, 0.5) is not first
-    assert shared_dropout_mask(x, 0.25) is not first  # another p draws again
-    assert 0.2 < float(shared_dropout_mask(torch.randn(200, 200), 0.25).float().mean()) < 0.3  # True = dropped
+    first = shared_dropout_positions(x, 0.5)
+    assert shared_dropout_positions(x, 0.5) is first  # k and v after q
+    assert shared_dropout_positions(other, 0.5) is not first
+    assert shared_dropout_positions(x, 0.25) is not first  # another p draws again
+    assert 0.2 < shared_dropout_positions(torch.randn(200, 200), 0.25).numel() / 40_000 < 0.3
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
-def test_bernoulli_mask_rate_and_independence(p):
-    """P(True) = p: the count of 2**20 draws lies within 5 binomial standard deviations; no element
-    position is biased (per-column rate over 4096 rows within 6 sd); two draws are independent."""
+def test_dropout_positions_rate_and_independence(p):
+    """Each element dropped with probability p, independently: the count of 2**20 elements lies
+    within 5 binomial standard deviations; no element position is biased (per-column rate over
+    4096 rows within 6 sd); neighbours (the gaps the sampler draws) and two draws are independent:
+    P(both dropped) = p² within 5 sd. Positions are sorted, distinct and in range."""
     torch.manual_seed(0)
     n_rows, n_cols = 4096, 256
-    mask = bernoulli_mask(torch.Size((n_rows, n_cols)), p, torch.device("cpu"))
-    assert mask.dtype == torch.bool and mask.shape == (n_rows, n_cols)
+    positions = draw_dropout_positions(torch.Size((n_rows, n_cols)), p, torch.device("cpu"))
+    assert positions.dtype == torch.int64 and bool((positions[1:] > positions[:-1]).all())
+    assert int(positions[0]) >= 0 and int(positions[-1]) < n_rows * n_cols
+    mask = torch.zeros(n_rows * n_cols, dtype=torch.bool)
+    mask[positions] = True
     n = mask.numel()
     assert abs(int(mask.sum()) - n * p) < 5 * (n * p * (1 - p)) ** 0.5
-    column_rates = mask.float().mean(0)
+    column_rates = mask.view(n_rows, n_cols).float().mean(0)
     assert float((column_rates - p).abs().max()) < 6 * (p * (1 - p) / n_rows) ** 0.5
-    again = bernoulli_mask(torch.Size((n_rows, n_cols)), p, torch.device("cpu"))
-    both = float((mask & again).float().mean())
-    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+    pair_sd = (p * p * (1 - p * p) / n) ** 0.5
+    assert abs(float((mask[1:] & mask[:-1]).float().mean()) - p * p) < 5 * pair_sd  # neighbours
+    assert abs(float((mask[2:] & mask[:-2]).float().mean()) - p * p) < 5 * pair_sd
+    again = _dropped_mask((n,), p)
+    assert abs(float((mask & again).float().mean()) - p * p) < 5 * pair_sd
 
 
-def test_bernoulli_mask_follows_torch_rng_state():
-    """The mask is a function of torch's generator state: reseeding, or restoring the state the
-    way activation checkpointing and resume do, gives the same mask; the draw advances the state."""
+def test_dropout_positions_reach_the_end_of_large_and_tiny_tensors():
+    """More than one batch of gaps (tiny p), the last element, and an empty tensor."""
+    torch.manual_seed(3)
+    assert draw_dropout_positions(torch.Size((0, 8)), 0.5, torch.device("cpu")).numel() == 0
+    few = draw_dropout_positions(torch.Size((1000, 1000)), 1e-5, torch.device("cpu"))
+    assert 0 < few.numel() < 40 and int(few[-1]) < 10**6 and bool((few[1:] > few[:-1]).all())
+    last_hits = sum(int(draw_dropout_positions(torch.Size((4,)), 0.5, torch.device("cpu")).eq(3).any()) for _ in range(400))
+    assert 140 < last_hits < 260  # the last element is dropped half the time, like the others
+
+
+def test_dropout_positions_follow_torch_rng_state():
+    """The positions are a function of torch's generator state: reseeding, or restoring the state
+    the way activation checkpointing and resume do, gives the same draw; the draw advances the state."""
     shape = torch.Size((33, 17))
     torch.manual_seed(7)
-    first = bernoulli_mask(shape, 0.3, torch.device("cpu"))
+    first = draw_dropout_positions(shape, 0.3, torch.device("cpu"))
     state = torch.get_rng_state()
-    second = bernoulli_mask(shape, 0.3, torch.device("cpu"))
+    second = draw_dropout_positions(shape, 0.3, torch.device("cpu"))
     assert not torch.equal(first, second)
     torch.set_rng_state(state)
-    assert torch.equal(bernoulli_mask(shape, 0.3, torch.device("cpu")), second)
+    assert torch.equal(draw_dropout_positions(shape, 0.3, torch.device("cpu")), second)
     torch.manual_seed(7)
-    assert torch.equal(bernoulli_mask(shape, 0.3, torch.device("cpu")), first)
+    assert torch.equal(draw_dropout_positions(shape, 0.3, torch.device("cpu")), first)
 
 
 def test_eval_and_zero_dropout_use_no_mask():
@@ -162,28 +182,15 @@ def test_in_place_sum_refuses_a_saved_base_output():
         y.sum().backward()
 
 
-@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 8), (1,), (7, 1536)])
-def test_packed_masks_round_trip_and_agree_with_numpy(shape):
-    """The CPU path is numpy's packbits; the torch path (other devices) must give the same bytes."""
-    import numpy as np
-
-    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.3
-    packed = pack_mask(mask)
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
-    assert packed.tolist() == np.packbits(mask.numpy().reshape(-1), bitorder="little").tolist()
-    assert torch.equal(pack_mask_torch(mask), packed)
-    for unpacked in (unpack_mask(packed, mask.shape), unpack_mask_torch(packed, mask.shape)):
-        assert unpacked.dtype == torch.bool and torch.equal(unpacked, mask)
-
-
-def test_backward_reads_the_packed_mask_saved_by_forward():
-    """Saved tensors: the packed mask (uint8, one bit per element), never the bool mask."""
+def test_backward_reads_the_positions_saved_by_forward():
+    """Saved tensors: the int64 positions of the dropped elements, never a mask of x's size."""
     x = torch.randn(4, 64, requires_grad=True)
     A, B = torch.randn(4, 64, requires_grad=True), torch.randn(8, 4, requires_grad=True)
     y = adapter_update(x, A, B, 1.0, dropout=0.5, training=True)
     saved = [t for t in y.grad_fn.saved_tensors if t is not None]
-    assert not any(t.dtype == torch.bool for t in saved)
-    assert any(t.dtype == torch.uint8 and t.numel() == x.numel() // 8 for t in saved)
+    assert not any(t.dtype in (torch.bool, torch.uint8) for t in saved)
+    positions = [t for t in saved if t.dtype == torch.int64]
+    assert len(positions) == 1 and 0 < positions[0].numel() < x.numel()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -192,15 +199,9 @@ def test_zero_dropped_gives_the_bits_of_torch_where(dtype):
     values = torch.randn(3, 7, 33).to(dtype)
     values[0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], dtype=dtype)
     drop = torch.rand(values.shape) < 0.4
+    drop[0, 0, 3] = True  # a -0.0 that is dropped becomes +0.0
     expected = torch.where(drop, torch.zeros((), dtype=dtype), values)
-    got = zero_dropped(drop, values)
-    assert got.dtype == dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))  # bit for bit, +0.0
-    out = torch.empty_like(values)
-    assert zero_dropped(drop, values, out=out).data_ptr() == out.data_ptr()
-    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
-    in_place = values.clone()
-    zero_dropped(drop, in_place, out=in_place)
-    assert torch.equal(in_place.view(torch.uint8), expected.view(torch.uint8))
-    strided = values.transpose(0, 1)  # a non-contiguous input
-    got_strided = zero_dropped(drop.transpose(0, 1), strided).transpose(0, 1).contiguous()
-    assert torch.equal(got_strided.view(torch.uint8), expected.view(torch.uint8))
+    target = values.clone()
+    got = zero_dropped_(target, drop.view(-1).nonzero().squeeze(1))
+    assert got is target and got.dtype == dtype
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))  # bit for bit, +0.0

@@ -9,7 +9,7 @@ For n LoRA layers i = 1..n over quantized bases W_i (out_i, in), all reading the
     Y    = x Wᵀ + h B_bdᵀ                 (N, Σout);  y_i = Y[:, columns of layer i]
 
 which is each layer's y_i = x W_iᵀ + s_i · B_i A_i dropout(x) (adapters/update.py): x̃ is x with
-the dropped elements zeroed under the one mask the siblings already share, and 1/(1 − p) is in c.
+the dropped elements zeroed at the one draw of positions the siblings already share; 1/(1 − p) is in c.
 Backward, from g_Y = [g_1 … g_n]:
 
     g_x   = g_Y W + ((g_Y B_bd ⊙ s) / (1 − p)) A, zeroed where x was dropped
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from qlorakit.adapters.lora import LoraLinear
-from qlorakit.adapters.update import _shared_packed, _shared_unpacked, _zeroed_input, shared_dropout_mask, zero_dropped
+from qlorakit.adapters.update import _zeroed_input, shared_dropout_positions, zero_dropped_
 from qlorakit.kernels.patch import LLAMA_FAMILY
 from qlorakit.quant.linear import QuantLinear, scratch_buffer
 
@@ -101,7 +101,7 @@ def sibling_projections(x: Tensor, group: SiblingGroup) -> tuple[Tensor, ...]:
     (module docstring). Each y_i is a column view of one (…, Σout) tensor."""
     members = group.members
     p = members[0].dropout_p()
-    drop = shared_dropout_mask(x, p) if members[0].training and p > 0 else None
+    drop = shared_dropout_positions(x, p) if members[0].training and p > 0 else None  # flat positions, (k,)
     weights = [m.lora_A.weight for m in members] + [m.lora_B.weight for m in members]
     return _SiblingProjections.apply(x, drop, 1.0 - p, group, *weights)
 
@@ -121,17 +121,16 @@ class _SiblingProjections(torch.autograd.Function):
         scale = _column_scale(group, 1.0 / keep if drop is not None else 1.0, x.device)  # (n·r,) fp32
         h = (u @ a_all.t()).float().mul_(scale)  # s·h, (N, n·r) fp32
         y.addmm_(h.to(m), b_bd.t())  # + h B_bdᵀ
-        ctx.save_for_backward(x, None if drop is None else _shared_packed(drop), h, a_all, b_bd)
+        ctx.save_for_backward(x, drop, h, a_all, b_bd)
         ctx.group, ctx.keep = group, keep
         y = y.view(*lead, y.shape[-1])  # (..., Σout)
         return tuple(y.split(group.out_features, dim=-1))  # (..., out_i) each
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        x, packed_drop, h, a_all, b_bd = ctx.saved_tensors
+        x, drop, h, a_all, b_bd = ctx.saved_tensors
         group, m = ctx.group, torch.bfloat16
         n = len(group.members)
-        drop = None if packed_drop is None else _shared_unpacked(packed_drop, x.shape)
         keep = ctx.keep if drop is not None else 1.0
         in_features = x.shape[-1]
         rows = x.numel() // in_features
@@ -150,7 +149,7 @@ class _SiblingProjections(torch.autograd.Function):
             grad_A = tuple(grad_a_all.split(group.ranks, dim=0))
         grad_u = ((grad_h / keep).to(m) @ a_all).view(x.shape)  # (..., in)
         if drop is not None:
-            grad_u = zero_dropped(drop, grad_u, out=grad_u)
+            grad_u = zero_dropped_(grad_u, drop)
         grad_x = grad_x.view(x.shape).add_(grad_u)
         return (grad_x, None, None, None, *grad_A, *grad_B)
 

@@ -12,7 +12,7 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
     activations  per layer, saved for backward (Llama family with qlorakit's fused RMSNorm/SwiGLU;
                  QuantLinear saves only its input, LoRA its input (shared) and A·x in fp32):
                      N·e·(2h  norm inputs + 2h normed + h q + 2kv k,v + h attention out + 3i gate,up,act)
-                     + N·4·r·(adapters per layer) + N·(dropout-masked inputs)/8 (bit-packed masks) + 4·B·heads·T (lse)
+                     + N·4·r·(adapters per layer) + 8·p·N·(dropout-masked inputs) (dropped positions) + 4·B·heads·T (lse)
                  no checkpointing: L · layer;   checkpointing: L · N·h·e (layer inputs) + one layer,
                  which is rebuilt in backward after the loss's blocks are freed: the step holds
                  max(one layer, loss) on top of the layer inputs (part `recompute`)
@@ -23,7 +23,7 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
     transient    the dense weights QuantLinear rebuilds for each matmul: on the CPU one reused
                  buffer of the largest (out, in) in e (quant/linear.py scratch_buffer), plus an
                  fp32 working copy of it when e < 4 (formats that dequantize in fp32 first), and
-                 with dropout an (N, widest adapter input) buffer and its keep bits in the adapters'
+                 with dropout an (N, widest adapter input) buffer of the zeroed input in the adapters'
                  matmul dtype (bf16 for plain LoRA in bf16, else fp32; adapters/update.py); on CUDA
                  the largest weight in e; plus two (N, max(h, i)) gradient buffers
     overhead     CPU: the process baseline (python + torch + transformers + tokenizer: `rss_base`, which
@@ -139,7 +139,7 @@ def layer_activation_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, r:
     kv = shapes.kv_heads * shapes.head_dim
     adapters = len(shapes.lora) // max(1, shapes.layers)
     adapter_inputs = sum(in_f for in_f, _ in shapes.lora[:adapters]) if dropout > 0 else 0
-    return (n * e * (5 * h + 2 * kv + 3 * i) + n * 4 * r * adapters + n * adapter_inputs // 8
+    return (n * e * (5 * h + 2 * kv + 3 * i) + n * 4 * r * adapters + int(8 * dropout * n * adapter_inputs)
             + 4 * batch * shapes.heads * seq)
 
 
@@ -173,7 +173,7 @@ def transient_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, device: s
         return largest * e + gradients
     weights = largest * e + (largest * 4 if e != 4 else 0)
     widest_input = max((in_f for in_f, _ in shapes.lora), default=0)
-    dropped_inputs = 2 * n * widest_input * adapter_matmul_bytes if dropout > 0 else 0  # zeroed input + its keep bits
+    dropped_inputs = n * widest_input * adapter_matmul_bytes if dropout > 0 else 0  # the zeroed input
     return weights + dropped_inputs + gradients
 
 
