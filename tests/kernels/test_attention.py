@@ -96,7 +96,7 @@ def test_stacks_query_heads_per_key_value_head(monkeypatch):
     assert shapes == [(B, KV, H // KV * T, D)]
 
 
-@pytest.mark.parametrize("case", ["no grad", "cache step", "dropout", "no groups", "long", "bidirectional", "softcap"])
+@pytest.mark.parametrize("case", ["no grad", "cache step", "dropout", "no groups", "long", "bidirectional", "softcap", "per-head mask"])
 def test_steps_aside_where_it_does_not_apply(monkeypatch, case):
     import transformers.integrations.sdpa_attention as sdpa_module
 
@@ -118,12 +118,13 @@ def test_steps_aside_where_it_does_not_apply(monkeypatch, case):
         module.is_causal = False
     elif case == "softcap":
         kwargs["softcap"] = 30.0
+    mask = _packed().expand(B, H, T, T) if case == "per-head mask" else None
     with torch.set_grad_enabled(case != "no grad"):
         if case == "softcap":
             with pytest.raises(ValueError, match="softcap"):  # transformers' own refusal, reached through it
-                stacked_gqa_attention(module, q, k, v, None, **kwargs)
+                stacked_gqa_attention(module, q, k, v, mask, **kwargs)
         else:
-            out, _ = stacked_gqa_attention(module, q, k, v, None, **kwargs)
+            out, _ = stacked_gqa_attention(module, q, k, v, mask, **kwargs)
             assert out.shape == (B, q.shape[2], H, D)
     assert delegated == [1]
 

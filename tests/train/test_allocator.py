@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 def test_threshold_by_dtype_and_checkpointing():
     assert mmap_threshold_for("bf16") == REUSE_THRESHOLD_BYTES == 32 << 20
-    assert mmap_threshold_for("bf16", checkpointing=True) == RETURN_THRESHOLD_BYTES == 1 << 20
-    assert mmap_threshold_for("fp32") == mmap_threshold_for("fp16") == RETURN_THRESHOLD_BYTES
+    assert mmap_threshold_for("bf16", checkpointing=True) == REUSE_THRESHOLD_BYTES
+    assert mmap_threshold_for("fp32") == mmap_threshold_for("fp16") == RETURN_THRESHOLD_BYTES == 1 << 20
+    assert mmap_threshold_for("fp32", checkpointing=True) == RETURN_THRESHOLD_BYTES
 
 
 def test_a_users_threshold_is_left_alone(monkeypatch):
@@ -59,7 +60,8 @@ _PROBE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("dtype, checkpointing, start, mmapped",
-                         [("fp32", "-", "raise", True), ("bf16", "-", "initial", False), ("bf16", "checkpointing", "raise", True)])
+                         [("fp32", "-", "raise", True), ("bf16", "-", "initial", False), ("bf16", "checkpointing", "initial", False),
+                          ("fp32", "checkpointing", "raise", True)])
 def test_glibc_serves_a_2_mib_block_as_the_threshold_says(dtype, checkpointing, start, mmapped):
     out = subprocess.run([sys.executable, "-c", _PROBE, dtype, start, checkpointing], capture_output=True, text=True, timeout=120)
     if "mallinfo2" in out.stderr:
@@ -86,7 +88,8 @@ _TRIM_PROBE = textwrap.dedent("""
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     if sys.argv[1] != "glibc":
-        assert fix_mmap_threshold(sys.argv[1])
+        dtype, _, checkpointing = sys.argv[1].partition("-")
+        assert fix_mmap_threshold(dtype, checkpointing=bool(checkpointing))
     libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: the 16 MiB block comes from the heap in every mode
     block = libc.malloc(16 << 20)
     grown = libc.mallinfo2().arena
@@ -95,7 +98,7 @@ _TRIM_PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mode, kept", [("glibc", False), ("bf16", True), ("fp32", False)])
+@pytest.mark.parametrize("mode, kept", [("glibc", False), ("bf16", True), ("bf16-checkpointing", True), ("fp32", False)])
 def test_the_reuse_mode_keeps_the_heaps_freed_top(mode, kept):
     out = subprocess.run([sys.executable, "-c", _TRIM_PROBE, mode], capture_output=True, text=True, timeout=120)
     if "mallinfo2" in out.stderr:

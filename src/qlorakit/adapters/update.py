@@ -66,8 +66,8 @@ _last_zeroed: tuple[weakref.ref, weakref.ref, Tensor] | None = None
 
 
 def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
-    # drop: the flat positions of the dropped elements of x (draw_dropout_positions), or None
-    """pool(x in `dtype` with dropped elements zeroed), without the 1/(1 − p) factor. The zeroed x
+    """pool(x in `dtype` with dropped elements zeroed), without the 1/(1 − p) factor; `drop` holds
+    the flat positions of the dropped elements (`draw_dropout_positions`), or is None. The zeroed x
     is kept for the next caller with the same (x, drop, dtype): the adapters of q, k and v share
     it, in forward and again in backward, instead of zeroing the same tensor three times. The
     result is only valid until the next call: use it at once."""
@@ -80,8 +80,10 @@ def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None, dtype:
     else:
         # Written into this thread's buffer for the shape: every caller consumes it at once (one
         # matmul), and the cache above always names the buffer's latest contents.
-        zeroed = scratch_buffer("dropped_input", tuple(x.shape), dtype, x.device)  # None off the CPU: a fresh tensor
-        zeroed = zero_dropped_(zeroed.copy_(x) if zeroed is not None else x.to(dtype, copy=True, memory_format=torch.contiguous_format), drop)  # (..., in)
+        zeroed = scratch_buffer("dropped_input", tuple(x.shape), dtype, x.device)
+        if zeroed is None:  # off the CPU: a fresh tensor
+            zeroed = torch.empty(x.shape, dtype=dtype, device=x.device)
+        zeroed = zero_dropped_(zeroed.copy_(x), drop)  # (..., in)
         _last_zeroed = (weakref.ref(x), weakref.ref(drop), zeroed)
     return pool_groups(zeroed, group_size)
 

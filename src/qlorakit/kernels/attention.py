@@ -49,7 +49,7 @@ def stacked_gqa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     usable = (query.device.type == "cpu" and torch.is_grad_enabled() and groups > 1 and dropout == 0.0
               and 1 < length < STACK_BELOW and key.shape[2] == length
               and not any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "cache"))
-              and (attention_mask is not None or causal))
+              and (causal if attention_mask is None else _is_shared_by_heads(attention_mask, length)))
     if not usable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -58,6 +58,11 @@ def stacked_gqa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     mask = _stacked_mask(attention_mask, groups, length, query.dtype, query.device)
     out = torch.nn.functional.scaled_dot_product_attention(stacked_query, key, value, attn_mask=mask, scale=scaling)
     return out.view(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None  # (B, T, H, D)
+
+
+def _is_shared_by_heads(mask: Tensor, length: int) -> bool:
+    """A (b, 1, T, S) mask, the one transformers builds for sdpa: one mask for every head."""
+    return mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == length
 
 
 _causal_masks: dict[tuple, Tensor] = {}

@@ -30,7 +30,7 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
                  `qlorakit plan` measures on the user's machine, plan/baseline.py) and glibc
                  allocator slack, calibrated, by the mmap threshold of the run (train/allocator.py):
                  32 MiB (bf16): heap fragmentation, HEAP_FRAGMENTATION_OF_ACTIVATIONS · activations
-                 + HEAP_FRAGMENTATION_OF_LOSS · loss; 1 MiB, bf16 with checkpointing:
+                 + HEAP_FRAGMENTATION_OF_LOSS · loss, and with checkpointing
                  HEAP_FRAGMENTATION_CHECKPOINTING_BF16 · (activations without checkpointing)
                  + HEAP_FRAGMENTATION_OF_LOSS · loss; 1 MiB otherwise (fp32, fp16):
                  RETAINED_FRACTION of the dense model's bytes (RETAINED_FRACTION_CHECKPOINTING
@@ -76,8 +76,7 @@ RETAINED_FRACTION_CHECKPOINTING = 0.125
 # pass, which the file holds); not derived.
 HEAP_FRAGMENTATION_OF_ACTIVATIONS = 0.82
 HEAP_FRAGMENTATION_OF_LOSS = 2.6
-# bf16 with checkpointing trains with the 1 MiB threshold, but many bf16 tensors (k and v, the
-# adapters' rank-r tensors) stay under it and fragment the heap as the layers are rebuilt, step
+# bf16 with checkpointing trains on the heap too, which fragments as the layers are rebuilt, step
 # after step: free space of about this fraction of the activations a step without checkpointing
 # would hold, plus the same multiple of the loss. Fitted on a first pass of the two bf16
 # checkpointing runs of bench/results/plan_accuracy.json (the file holds the next: +2.5%, +4.0%);
@@ -182,9 +181,9 @@ def allocator_slack_bytes(dtype: str, checkpointing: bool, dense_model: int, act
     """Resident memory glibc's allocator holds beyond the live tensors at the peak, by the mmap
     threshold the run trains with (train/allocator.py; constants above, calibrated)."""
     if mmap_threshold_for(dtype, checkpointing) == REUSE_THRESHOLD_BYTES:
+        if checkpointing:
+            return int(HEAP_FRAGMENTATION_CHECKPOINTING_BF16 * activations_without_checkpointing + HEAP_FRAGMENTATION_OF_LOSS * loss)
         return int(HEAP_FRAGMENTATION_OF_ACTIVATIONS * activations + HEAP_FRAGMENTATION_OF_LOSS * loss)
-    if dtype == "bf16" and checkpointing:
-        return int(HEAP_FRAGMENTATION_CHECKPOINTING_BF16 * activations_without_checkpointing + HEAP_FRAGMENTATION_OF_LOSS * loss)
     return int((RETAINED_FRACTION_CHECKPOINTING if checkpointing else RETAINED_FRACTION) * dense_model)
 
 
