@@ -1,6 +1,6 @@
 """`make bench`: qlorakit against the Hugging Face stack, on this machine, in one run.
 
-    python bench/run.py [--rounds 2] [--steps 3] [--out bench/results/latest.json]
+    python bench/run.py [--rounds 3] [--steps 6] [--out bench/results/latest.json]
 
 Every configuration runs in its own process (bench/train_worker.py, bench/tasks.py), the training
 configurations interleaved round by round so that a change in machine load hits all of them.
@@ -97,7 +97,7 @@ def _max(runs: list[dict], key: str) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the main training configurations")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the main training configurations (the median discards one outlier)")
     parser.add_argument("--steps", type=int, default=6, help="measured training steps per process (after one warm-up step; bf16 heap fragmentation settles after about 5)")
     parser.add_argument("--out", default=str(BENCH / "results" / "latest.json"))
     args = parser.parse_args()
