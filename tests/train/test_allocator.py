@@ -31,13 +31,12 @@ def test_a_users_threshold_is_left_alone(monkeypatch):
     assert fix_mmap_threshold("bf16") is False
 
 
-# In a fresh interpreter (mallopt is process-wide), each case starting where glibc alone would do
-# the opposite. fp32: freeing a mmapped 4 MiB block first raises glibc's dynamic threshold to
-# 4 MiB, where a 2 MiB block would come from the heap; after the fix it is mmapped (mallinfo2's
-# hblkhd grows). bf16: glibc's initial threshold (128 KiB) would mmap it; after the fix it is not.
-_PROBE = textwrap.dedent("""
+# The start of every probe: a fresh interpreter without the user's malloc settings, and glibc's
+# malloc, free and mallinfo2 (its arena is the heap's size, hblkhd the mmapped bytes).
+_PRELUDE = textwrap.dedent("""
     import ctypes, json, os, sys
-    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        os.environ.pop(name, None)
     from qlorakit.train.allocator import fix_mmap_threshold
 
     class MallInfo2(ctypes.Structure):
@@ -48,6 +47,13 @@ _PROBE = textwrap.dedent("""
     libc.mallinfo2.restype = MallInfo2
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
+""")
+
+# In a fresh interpreter (mallopt is process-wide), each case starting where glibc alone would do
+# the opposite. fp32: freeing a mmapped 4 MiB block first raises glibc's dynamic threshold to
+# 4 MiB, where a 2 MiB block would come from the heap; after the fix it is mmapped (mallinfo2's
+# hblkhd grows). bf16: glibc's initial threshold (128 KiB) would mmap it; after the fix it is not.
+_PROBE = _PRELUDE + textwrap.dedent("""
     if sys.argv[2] == "raise":
         libc.free(libc.malloc(4 << 20))
     assert fix_mmap_threshold(sys.argv[1], checkpointing=sys.argv[3] == "checkpointing")
@@ -73,20 +79,7 @@ def test_glibc_serves_a_2_mib_block_as_the_threshold_says(dtype, checkpointing, 
 
 # A freed 16 MiB heap block at the heap's top: handed back to the system (the heap shrinks, as
 # mallinfo2's arena shows) under glibc's 128 KiB trim threshold, kept in the reuse mode.
-_TRIM_PROBE = textwrap.dedent("""
-    import ctypes, json, os, sys
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        os.environ.pop(name, None)
-    from qlorakit.train.allocator import fix_mmap_threshold
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
+_TRIM_PROBE = _PRELUDE + textwrap.dedent("""
     if sys.argv[1] != "glibc":
         dtype, _, checkpointing = sys.argv[1].partition("-")
         assert fix_mmap_threshold(dtype, checkpointing=bool(checkpointing))
