@@ -5,11 +5,15 @@
 Every configuration runs in its own process (bench/train_worker.py, bench/tasks.py), the training
 configurations interleaved round by round so that a change in machine load hits all of them.
 Reported (medians over rounds; peak RSS is the largest):
-  tokens_per_s / peak_rss_mib     qlorakit, qlorakit_other_allocator (the mmap threshold qlorakit does not pick
-                                  for this dtype: 1 MiB for bf16, 32 MiB for fp32; see qlorakit/train/allocator.py), qlorakit (fp32 compute where the CPU lacks native bf16, see
-                                  qlorakit.dtypes.preferred_dtype), hf_reference (transformers + peft +
-                                  bitsandbytes NF4, compute bf16, as issue #7 specifies), hf_reference_gc
-                                  (the same with gradient checkpointing), hf_reference_fp32, qlorakit_bf16
+  tokens_per_s / peak_rss_mib     qlorakit (its preferred compute dtype: bf16 on CUDA and on CPUs with native
+                                  bf16, fp32 elsewhere; qlorakit.dtypes.preferred_dtype), qlorakit_other_allocator
+                                  (the mmap threshold qlorakit does not pick for this dtype: 1 MiB for bf16,
+                                  32 MiB for fp32; qlorakit/train/allocator.py), hf_reference (transformers +
+                                  peft + bitsandbytes NF4, compute bf16 where the CPU has native bf16, else fp32:
+                                  the dtype a user of that machine picks), hf_reference_gc (the same with
+                                  gradient checkpointing), hf_reference_fp32, qlorakit_bf16. On a CPU that
+                                  emulates bf16 (bench/peak.py measures it) the bf16 rows are skipped, and say
+                                  so under "skipped", unless --bf16-rows
   mfu                             achieved FLOPs / the best matmul peak measured in this run (bench/peak.py)
   varlen_tokens_per_s             real (non-padding) tokens/s on instruction-like lengths, packed
   demo_seconds                    `make demo`, end to end
@@ -100,6 +104,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the main training configurations (the median discards one outlier)")
     parser.add_argument("--steps", type=int, default=6, help="measured training steps per process (after one warm-up step; bf16 heap fragmentation settles after about 5)")
     parser.add_argument("--out", default=str(BENCH / "results" / "latest.json"))
+    parser.add_argument("--bf16-rows", action="store_true", help="run the bf16 rows even where the CPU emulates bf16 (hours)")
     args = parser.parse_args()
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="qlk-bench-"))
@@ -108,11 +113,18 @@ def main() -> None:
     fast = preferred_dtype()
     subprocess.run([PY, str(BENCH / "data.py"), "prepare"], cwd=ROOT, check=True, capture_output=True)
     peak = _run_json([PY, str(BENCH / "peak.py")], "matmul peak")
+    bf16_native = fast == "bf16"
+    reference = "bf16" if bf16_native else "fp32"  # the HF stack at the dtype a user of this machine picks
+    skipped: dict[str, str] = {}
+    if not (bf16_native or args.bf16_rows):
+        why = (f"bf16 matmul is emulated on this CPU ({peak.get('bf16_gflops')} GFLOPS against {peak.get('fp32_gflops')} "
+               f"in fp32, bench/peak.py): not run (--bf16-rows runs it)")
+        skipped = {"qlorakit_bf16": why, "hf_reference_bf16": why}
 
     main_configs = [
         _worker("qlorakit", "--impl", "qlorakit", "--dtype", fast, steps=args.steps),
-        _worker("hf_reference", "--impl", "hf", "--dtype", "bf16", steps=args.steps),
-        _worker("hf_reference_gc", "--impl", "hf", "--dtype", "bf16", "--gc", steps=args.steps),
+        _worker("hf_reference", "--impl", "hf", "--dtype", reference, steps=args.steps),
+        _worker("hf_reference_gc", "--impl", "hf", "--dtype", reference, "--gc", steps=args.steps),
         _worker("qlorakit_other_allocator", "--impl", "qlorakit", "--dtype", fast, steps=args.steps),
     ]
     extra_configs = [
@@ -121,6 +133,9 @@ def main() -> None:
         _worker("qlorakit_gc", "--impl", "qlorakit", "--dtype", fast, "--gc", steps=args.steps),
         _worker("varlen", "--impl", "qlorakit", "--dtype", fast, "--varlen", steps=args.steps),
     ]
+    if reference == "fp32":  # hf_reference is the fp32 run already
+        extra_configs = [c for c in extra_configs if c[0] != "hf_reference_fp32"]
+    extra_configs = [c for c in extra_configs if c[0] not in skipped]
     runs: dict[str, list[dict]] = {name: [] for name, _ in main_configs + extra_configs}
     for round_index in range(args.rounds):
         for name, argv in main_configs:
@@ -141,6 +156,12 @@ def main() -> None:
     flops = _flops_per_token()
     best_peak = max(peak.get("bf16_gflops", 0), peak.get("fp32_gflops", 0)) * 1e9 or None
     tokens = {name: _median(r, "tokens_per_s") for name, r in runs.items()}
+    if "hf_reference_fp32" not in runs:
+        runs["hf_reference_fp32"] = runs["hf_reference"]
+        tokens["hf_reference_fp32"] = tokens["hf_reference"]
+    for name in skipped:
+        runs.setdefault(name, [])
+        tokens.setdefault(name, None)
 
     def mfu(name: str, peak_flops: float | None) -> float | None:
         return round(tokens[name] * flops / peak_flops, 4) if tokens.get(name) and peak_flops else None
@@ -150,6 +171,8 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF; NF4 double-quant base), LoRA r=16 alpha=32 dropout=0.05 on "
                  "q,k,v,o,gate,up,down, batch 4 x 256, AdamW",
         "qlorakit_dtype": fast,
+        "hf_reference_dtype": reference,
+        "skipped": skipped,
         "flops_per_token": flops,
         "tokens_per_s": {"qlorakit": tokens["qlorakit"], "hf_reference": tokens["hf_reference"],
                          "hf_reference_gc": tokens["hf_reference_gc"], "hf_reference_fp32": tokens["hf_reference_fp32"],
@@ -216,10 +239,11 @@ def format_table(r: dict) -> str:
         (f"training tokens/s, qlorakit, other allocator mode (MALLOC_MMAP_THRESHOLD_={r['other_allocator_mmap_threshold'] >> 20} MiB)",
          t["qlorakit_other_allocator"], f"peak RSS {rss['qlorakit_other_allocator']} MiB, MFU {mfu['qlorakit_other_allocator']}, "
          f"{r['speedup_other_allocator_vs_hf_reference']} x HF reference"),
-        ("training tokens/s, HF stack bf16 (reference)", t["hf_reference"], f"peak RSS {rss['hf_reference']} MiB, MFU {mfu['hf_reference']}"),
-        ("training tokens/s, HF stack bf16 + checkpointing", t["hf_reference_gc"], f"peak RSS {rss['hf_reference_gc']} MiB"),
+        (f"training tokens/s, HF stack {r['hf_reference_dtype']} (reference)", t["hf_reference"], f"peak RSS {rss['hf_reference']} MiB, MFU {mfu['hf_reference']}"),
+        (f"training tokens/s, HF stack {r['hf_reference_dtype']} + checkpointing", t["hf_reference_gc"], f"peak RSS {rss['hf_reference_gc']} MiB"),
         ("training tokens/s, HF stack fp32", t["hf_reference_fp32"], f"peak RSS {rss['hf_reference_fp32']} MiB"),
-        ("training tokens/s, qlorakit bf16" + (" (a third run)" if r["qlorakit_dtype"] == "bf16" else ""), t["qlorakit_bf16"], f"peak RSS {rss['qlorakit_bf16']} MiB"),
+        ("training tokens/s, qlorakit bf16" + (" (a third run)" if r["qlorakit_dtype"] == "bf16" else ""), t["qlorakit_bf16"],
+         f"peak RSS {rss['qlorakit_bf16']} MiB" if t["qlorakit_bf16"] else r["skipped"].get("qlorakit_bf16", "")),
         ("training tokens/s, qlorakit + checkpointing", t["qlorakit_gc"], f"peak RSS {rss['qlorakit_gc']} MiB"),
         ("qlorakit / HF reference", r["speedup_vs_hf_reference"], f"vs HF fp32: {r['speedup_vs_hf_reference_fp32']}"),
         ("variable-length real tokens/s (packed)", r["varlen_tokens_per_s"], f"{r['varlen_vs_fixed']} x fixed-length"),

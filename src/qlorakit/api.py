@@ -88,8 +88,7 @@ def from_pretrained(name: str = "smollm2", quant: str = "nf4", dtype: str = "bf1
 def train(config: str | Path | dict | Config, overwrite: bool = False, progress: bool = True, **overrides) -> QModel:
     """Run `qlorakit train` on a YAML path, a dict of sections or a Config; overrides as
     keyword arguments in section__key form (train__lr=1e-4)."""
-    from qlorakit.models.sources import resolve_source
-    from qlorakit.train.loop import train as run_training
+    from qlorakit.pipeline import train_then_merge
 
     dotted = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     if isinstance(config, Config):
@@ -102,8 +101,8 @@ def train(config: str | Path | dict | Config, overwrite: bool = False, progress:
         from qlorakit.config import apply_overrides
 
         cfg = apply_overrides(cfg, dotted)
-    result = run_training(cfg, overwrite=overwrite, progress=progress)
-    return QModel(result.model, result.tokenizer, resolve_source(cfg.model.name), cfg)
+    result, _ = train_then_merge(cfg, overwrite=overwrite, progress=progress)
+    return QModel(result.model, result.tokenizer, result.source, cfg)
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> QModel:

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run directory written by qlorakit train")
     p.add_argument("--out", required=True, help="output directory (a plain Hugging Face model; an int4 QA-LoRA run stays int4), "
                    "or FILE.gguf for a QA-LoRA run on a GGUF base (exact fold; FILE.quantization.json and FILE.merge_report.json beside it)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the merged weights")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype of the merged weights; auto (default): the first of bf16, fp16, fp32 that passes the fidelity check")
     p.add_argument("--into", default="dequantized", choices=["dequantized", "original"],
                    help="fold into the dequantized base the adapter was trained on, or the source's original 16-bit weights")
     p.add_argument("--keep-lm-head-fp16", action="store_true", help="keep the output head in fp16 when merging to bf16")
@@ -151,17 +152,18 @@ def _export(args: argparse.Namespace) -> int:
 @command("train")
 def _train(args: argparse.Namespace) -> int:
     from qlorakit.config import load_config
-    from qlorakit.train.loop import train
+    from qlorakit.pipeline import train_then_merge
 
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
         config_path, overrides = None, [config_path, *overrides]
     cfg = load_config(config_path, overrides)
-    result = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    result, merged = train_then_merge(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     payload = {
         "run_dir": str(result.run_dir), "steps": result.steps, "first_loss": result.first_loss,
         "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": round(result.seconds, 2),
-        "resumed_from": result.resumed_from,
+        "resumed_from": result.resumed_from, "merged_dir": None if merged is None else str(merged.out_dir),
+        "merge_dtype": None if merged is None else merged.report.get("dtype"),
     }
     text = f"run {result.run_dir}: {result.steps} steps in {result.seconds:.1f} s, loss {result.first_loss} -> {result.final_loss}"
     _emit(args, payload, text)

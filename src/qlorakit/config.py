@@ -171,6 +171,10 @@ class TrainConfig(_Section):
     """Also write the logged scalars as TensorBoard events under output_dir/tensorboard."""
     skip_nonfinite: bool = False
     """Skip a batch whose loss is NaN or inf (and log it) instead of stopping the run."""
+    fast_paths: str | tuple[str, ...] = "all"
+    """The training speed-ups, each by name (train/fast_paths.py): all, none, or a list of
+    fused_kernels, sibling_projections, stacked_gqa_attention, allocator. Each computes what the plain
+    path computes; all are undone when training returns."""
 
     def _check(self) -> None:
         if self.max_steps is None and self.epochs is None:
@@ -183,8 +187,10 @@ class MergeConfig(_Section):
     _section = "merge"
     after_train: bool = False
     """Merge into <output_dir>/merged as soon as training ends."""
-    dtype: str = "bf16"
-    """Dtype of the merged 16-bit model (the fold itself always runs in fp32)."""
+    dtype: str = "auto"
+    """Dtype of the merged model: bf16, fp16, fp32, or auto: the first of bf16, fp16, fp32 whose merged
+    model passes the fidelity check (merge_report.json says which, and what each one tried scored).
+    The fold itself always runs in fp32."""
     into: str = "dequantized"
     """dequantized: fold in fp32 into the dequantized base, save 16-bit; original: keep the base format
     (exact for QA-LoRA on int4/gguf, where only zero points/mins change)."""
@@ -252,7 +258,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.epochs": ((lambda v: v is None or v > 0), "null or a number > 0"),
     "train.max_grad_norm": ((lambda v: v is None or v > 0), "null (no clipping) or a number > 0"),
     "train.weight_decay": ((lambda v: v >= 0), "a number >= 0"),
-    **dict.fromkeys(("model.dtype", "merge.dtype"), _one_of(*DTYPES)),
+    "model.dtype": _one_of(*DTYPES),
+    "merge.dtype": _one_of("auto", *DTYPES),
     "quant.method": _one_of("nf4", "fp4", "int4", "gguf", "none"),
     "adapter.kind": _one_of("lora", "qalora"),
     "data.format": _one_of("auto", "alpaca", "chat", "prompt-completion", "text"),
@@ -303,8 +310,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return None
     if optional:
         (hint,) = [a for a in args if a is not type(None)]
-    if str in args:  # adapter.targets: str | tuple[str, ...]
-        return _targets(key, value)
+    if str in args:  # adapter.targets, train.fast_paths: str | tuple[str, ...]
+        return _fast_paths(key, value) if key == "train.fast_paths" else _targets(key, value)
     value = _as_float(value) if hint is float else value
     want, ok = _TYPES[hint]
     if not ok(value):
@@ -321,6 +328,24 @@ def _targets(key: str, value: Any) -> str | tuple[str, ...]:
         if names and all(names):
             return names
     raise ConfigError(f"{key}: must be all-linear or a non-empty list of module names, got {_show(value)}")
+
+
+FAST_PATHS = ("fused_kernels", "sibling_projections", "stacked_gqa_attention", "allocator")
+"""The names `train.fast_paths` accepts (train/fast_paths.py applies them)."""
+
+
+def _fast_paths(key: str, value: Any) -> str | tuple[str, ...]:
+    """all | none | a list of FAST_PATHS names (a comma-separated string on the command line)."""
+    if value in ("all", "none"):
+        return value
+    names = value.split(",") if isinstance(value, str) else value
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        names = tuple(n.strip() for n in names if n.strip())
+        unknown = [n for n in names if n not in FAST_PATHS]
+        if not unknown:
+            return names
+        raise ConfigError(f"{key}: unknown fast path {unknown[0]!r}; use all, none or a list of {', '.join(FAST_PATHS)}")
+    raise ConfigError(f"{key}: must be all, none or a list of {', '.join(FAST_PATHS)}, got {_show(value)}")
 
 
 def _lookup(section: str, key: str | None = None) -> type:
@@ -345,7 +370,7 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     if not (eq and dot and section and key):
         raise ConfigError(f"{item!r}: an override must look like section.key=value, e.g. train.lr=1e-3")
     hint = _hints(_lookup(section, key))[key]
-    if hint is str or (key == "targets" and not text.lstrip().startswith("[")):
+    if hint is str or (key in ("targets", "fast_paths") and not text.lstrip().startswith("[")):
         return section, key, text  # as typed: `data.template=yes` is the string "yes", not true
     try:
         return section, key, yaml.safe_load(text)

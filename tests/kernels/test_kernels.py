@@ -64,9 +64,11 @@ def test_whole_model_with_adapters_is_unchanged():
         if hasattr(module, "lora_B"):
             torch.nn.init.normal_(module.lora_B.weight, std=0.1)
     fused = copy.deepcopy(model)
-    counts = use_fused_kernels(fused)
+    originals = use_fused_kernels(fused)
     layers = model.config.num_hidden_layers
-    assert counts == {"rmsnorm": 2 * layers + 1, "swiglu": layers}
+    kinds = [type(m).__name__ for m in originals.values()]
+    assert kinds.count("LlamaRMSNorm") == 2 * layers + 1 and kinds.count("LlamaMLP") == layers
+    assert all(type(fused.get_submodule(name)).__name__.startswith("Fused") for name in originals)
     assert list(fused.state_dict()) == list(model.state_dict())
     ids = torch.randint(0, model.config.vocab_size, (2, 10))
     model.eval(), fused.eval()
@@ -81,4 +83,4 @@ def test_whole_model_with_adapters_is_unchanged():
 
 def test_other_architectures_are_left_alone():
     model = build_tiny(tiny_gpt2_config())
-    assert use_fused_kernels(model) == {"rmsnorm": 0, "swiglu": 0}
+    assert use_fused_kernels(model) == {}

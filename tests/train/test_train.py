@@ -134,14 +134,56 @@ def test_metadata_tag_and_merged_spec(tiny_model_dir, qa_rows, tmp_path):
     assert merged["extras"]["merge_base"] == "dequantized"
 
 
-def test_merge_after_train_writes_merged(tiny_model_dir, qa_rows, tmp_path):
+def test_merge_after_train_with_defaults_is_faithful(tiny_model_dir, qa_rows, tmp_path):
+    """merge.after_train with every other key at its default (merge.dtype auto): the merge is
+    written in the first dtype that passes the fidelity check, the report says which and what each
+    tried scored, and plain transformers loading RUN/merged continues a training prompt as the
+    trained adapter model does."""
+    from transformers import AutoModelForCausalLM
+
     from qlorakit.config import apply_overrides
+    from qlorakit.merge.run import AUTO_DTYPES
+    from qlorakit.pipeline import train_then_merge
 
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
-    cfg = apply_overrides(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=2), ["merge.after_train=true", "merge.dtype=fp32"])
-    train(cfg, progress=False)
-    assert (tmp_path / "run" / "merged" / "merge_report.json").is_file()
-    assert (tmp_path / "run" / "merged" / "config.json").is_file()
+    cfg = apply_overrides(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=10), ["merge.after_train=true"])
+    assert cfg.merge.dtype == "auto"
+    result, merged = train_then_merge(cfg, progress=False)
+    report = json.loads((tmp_path / "run" / "merged" / "merge_report.json").read_text())
+    tried = report["dtype_choice"]["tried"]
+    assert report["dtype_choice"]["requested"] == "auto" and report["faithful"] is True
+    assert [t["dtype"] for t in tried] == list(AUTO_DTYPES[: len(tried)])
+    assert [t["faithful"] for t in tried] == [False] * (len(tried) - 1) + [True]
+    assert report["dtype"] == tried[-1]["dtype"] == merged.report["dtype"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").eval()
+    assert str(plain.dtype).endswith({"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[report["dtype"]])
+    ids = result.tokenizer.apply_chat_template([{"role": "user", "content": qa_rows[0]["instruction"]}],
+                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():  # transformers' own greedy decoding, both models in fp32
+        expected = result.model.float().generate(ids, max_new_tokens=8, do_sample=False)
+        assert torch.equal(plain.float().generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_refused_after_train_merge_keeps_the_run_and_names_the_command(tiny_model_dir, qa_rows, tmp_path, monkeypatch):
+    from qlorakit.config import apply_overrides
+    from qlorakit.merge import run as merge_run
+    from qlorakit.merge.fidelity import UnfaithfulMergeError
+    from qlorakit.pipeline import AfterTrainMergeError, train_then_merge
+
+    def refuse(*args, **kwargs):
+        raise UnfaithfulMergeError("merge is not faithful: greedy-token agreement 0.5000 is below the threshold 0.99")
+
+    monkeypatch.setattr(merge_run, "merge_loaded", refuse)
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    run = tmp_path / "run"
+    cfg = apply_overrides(tiny_config(tiny_model_dir, data, run, max_steps=2), ["merge.after_train=true"])
+    with pytest.raises(AfterTrainMergeError) as error:
+        train_then_merge(cfg, progress=False)
+    message = str(error.value)
+    assert f"the adapter is saved in {run / 'adapter'}" in message
+    assert f"`qlorakit merge {run} --out {run / 'merged'} --dtype fp32`" in message
+    assert "agreement 0.5000" in message
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "merged").exists()
 
 
 def test_kept_dense_weights_give_the_same_run(tiny_model_dir, qa_rows, tmp_path, monkeypatch):
@@ -169,3 +211,29 @@ def test_kept_dense_weights_give_the_same_run(tiny_model_dir, qa_rows, tmp_path,
     assert runs[True][1].keys() == runs[False][1].keys()
     assert all(torch.equal(runs[True][1][k], runs[False][1][k]) for k in runs[False][1])
     assert runs[False][2] > 0 and runs[True][2] == 0  # every matmul of the kept run used the dense copy
+
+
+def test_merge_dtype_auto_moves_on_from_an_unfaithful_dtype(tiny_model_dir, qa_rows, tmp_path, monkeypatch):
+    """A bf16 merge that fails the fidelity check (made to here) is not written: auto goes on to
+    fp16, writes that, and the report lists both tries."""
+    from qlorakit.config import apply_overrides
+    from qlorakit.merge import run as merge_run
+    from qlorakit.pipeline import train_then_merge
+
+    check = merge_run._check_merge
+
+    def bf16_fails(adapter_model, merged, tokenizer, cfg, dtype, *rest):
+        outcome = check(adapter_model, merged, tokenizer, cfg, dtype, *rest)
+        if dtype == "bf16":
+            outcome[0]["faithful"] = False
+            outcome[1].greedy_token_agreement = 0.5
+        return outcome
+
+    monkeypatch.setattr(merge_run, "_check_merge", bf16_fails)
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    cfg = apply_overrides(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=2), ["merge.after_train=true"])
+    _, merged = train_then_merge(cfg, progress=False)
+    report = json.loads((tmp_path / "run" / "merged" / "merge_report.json").read_text())
+    assert [(t["dtype"], t["faithful"]) for t in report["dtype_choice"]["tried"]] == [("bf16", False), ("fp16", True)]
+    assert report["dtype"] == "fp16" and merged.merged_model.dtype == torch.float16
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []  # no staged leftovers

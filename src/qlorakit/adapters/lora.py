@@ -73,9 +73,6 @@ class LoraLinear(nn.Module):
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
-        group = self.__dict__.get("sibling_group")  # adapters/siblings.py: q, k, v (gate, up) as one layer
-        if group is not None and (y := group.output(self, x)) is not None:
-            return y
         y = self.base_layer(x)  # (..., out)
         if self.disabled:
             return y

@@ -20,9 +20,13 @@ One dequantized matmul, one x̃ Aᵀ, one addmm and one autograd node where ther
 of 420, with their Python dispatch and per-node gradient sums. The block-diagonal B costs n times
 the rank-r FLOPs, which are under 1% of the base matmul's.
 
-Used only where it is known to be the same computation: the q/k/v of the Llama family's attention
-and the gate/up of its MLP (`group_sibling_projections`), plain LoRA over a QuantLinear without
-bias, bf16 compute on the CPU, with gradients enabled (training). Anything else — QA-LoRA, fp32 or
+`group_sibling_projections` makes the q_proj/k_proj/v_proj children of a module, and its
+gate_proj/up_proj, `SiblingLoraLinear` layers of one `SiblingGroup` when all are plain LoRA
+layers (they show as such in `print(model)`; the state dict is unchanged), and
+`ungroup_sibling_projections` puts the plain LoraLinear layers back. A group fuses only where it
+is the same computation: every member called with the very same tensor (each member otherwise
+computes its own output from its own input), plain LoRA over a QuantLinear without bias, bf16
+compute on the CPU, with gradients enabled (training). Anything else — QA-LoRA, fp32 or
 fp16 compute, a disabled adapter, a cached dense weight, no-grad inference, CUDA (where
 bitsandbytes' kernels dequantize and this path is untested) — takes each layer's own path, so
 merges and generation are unaffected.
@@ -36,12 +40,11 @@ import torch
 from torch import Tensor, nn
 
 from qlorakit.adapters.lora import LoraLinear
-from qlorakit.adapters.update import _zeroed_input, shared_dropout_positions, zero_dropped_
-from qlorakit.kernels.patch import LLAMA_FAMILY
+from qlorakit.adapters.update import shared_dropout_positions, zero_dropped_, zeroed_input
 from qlorakit.quant.linear import QuantLinear, scratch_buffer
 
-ATTENTION_CLASSES = {f"{family}Attention" for family in LLAMA_FAMILY}
-SIBLING_NAMES = {"attention": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Children of one module that read the same input in the Llama family's attention and MLP."""
 
 
 class SiblingGroup:
@@ -62,7 +65,7 @@ class SiblingGroup:
         first = self.members[0]
         for m in self.members:
             base = m.base_layer
-            if (type(m) is not LoraLinear or m.disabled or m.training != first.training or m.dropout_p() != first.dropout_p()
+            if (type(m) is not SiblingLoraLinear or m.disabled or m.training != first.training or m.dropout_p() != first.dropout_p()
                     or not isinstance(base, QuantLinear) or base.bias is not None or base.compute_dtype != torch.bfloat16
                     or base.dense_cache is not None or m.in_features != first.in_features):
                 return False
@@ -115,7 +118,7 @@ class _SiblingProjections(torch.autograd.Function):
         lead, in_features = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, in_features)  # (N, in)
         y = x2 @ group.dense_weight().t()  # (N, in) @ (in, Σout) -> (N, Σout)
-        u = _zeroed_input(x, drop, None, m).reshape(-1, in_features)  # x̃ without 1/(1 − p), (N, in)
+        u = zeroed_input(x, drop, None, m).reshape(-1, in_features)  # x̃ without 1/(1 − p), (N, in)
         a_all = torch.cat(lora_A).to(m)  # (n·r, in)
         b_bd = torch.block_diag(*lora_B).to(m)  # (Σout, n·r)
         scale = _column_scale(group, 1.0 / keep if drop is not None else 1.0, x.device)  # (n·r,) fp32
@@ -144,7 +147,7 @@ class _SiblingProjections(torch.autograd.Function):
             grad_b_bd = (grad_y.t() @ h.to(m)).float()  # (Σout, n·r)
             grad_B = tuple(grad_b_bd[o0:o1, r0:r1] for (o0, o1), (r0, r1) in _blocks(group.out_features, group.ranks))
         if any(ctx.needs_input_grad[4 : 4 + n]):
-            u = _zeroed_input(x, drop, None, m).reshape(rows, in_features)  # rebuilt x̃, (N, in)
+            u = zeroed_input(x, drop, None, m).reshape(rows, in_features)  # rebuilt x̃, (N, in)
             grad_a_all = (grad_h.to(m).t() @ u).float().div_(keep)  # (n·r, in)
             grad_A = tuple(grad_a_all.split(group.ranks, dim=0))
         grad_u = ((grad_h / keep).to(m) @ a_all).view(x.shape)  # (..., in)
@@ -174,21 +177,65 @@ def _grad_or_zeros(grad: Tensor | None, x: Tensor, width: int) -> Tensor:
     return grad.to(torch.bfloat16)
 
 
+class SiblingLoraLinear(LoraLinear):
+    """A LoraLinear that belongs to a SiblingGroup: its forward asks the group first, which computes
+    every member's output in one pass where it can (module docstring). Built from a LoraLinear by
+    `adopt`, sharing its base layer and adapter parameters (same state-dict names)."""
+
+    group: SiblingGroup
+
+    @classmethod
+    def adopt(cls, layer: LoraLinear) -> "SiblingLoraLinear":
+        member = cls.__new__(cls)
+        nn.Module.__init__(member)
+        for key, value in vars(layer).items():  # the plain attributes: r, scaling, disabled, training, ...
+            if not key.startswith("_"):
+                object.__setattr__(member, key, value)
+        for name, child in layer.named_children():  # base_layer, lora_A, lora_B, lora_dropout: the same modules
+            member.add_module(name, child)
+        return member
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.group.output(self, x)
+        return y if y is not None else super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sibling {self.group.members.index(self) + 1} of {len(self.group.members)}"
+
+
 def group_sibling_projections(model: nn.Module) -> int:
-    """Give the q/k/v LoRA layers of every Llama-family attention, and the gate/up ones of every
-    Llama-family MLP, a shared SiblingGroup; returns how many groups. Call after adding adapters
-    and `use_fused_kernels` (which makes the MLPs FusedSwiGLU)."""
+    """Make the q/k/v LoRA layers of every module that has all three, and its gate/up ones, the
+    SiblingLoraLinear members of one SiblingGroup each; returns how many groups. Call after adding
+    adapters (and `use_fused_kernels`, whose FusedSwiGLU keeps the gate/up children)."""
     groups = 0
-    for module in model.modules():
-        kind = type(module).__name__
-        names = SIBLING_NAMES["attention"] if kind in ATTENTION_CLASSES else SIBLING_NAMES["mlp"] if kind == "FusedSwiGLU" else None
-        if names is None:
-            continue
-        members = [getattr(module, name, None) for name in names]
-        if not all(type(m) is LoraLinear for m in members):
-            continue
-        group = SiblingGroup(members)
-        for m in members:
-            m.__dict__["sibling_group"] = group  # a plain attribute: not a submodule, not in the state dict
-        groups += 1
+    for module in list(model.modules()):
+        for names in SIBLING_NAMES:
+            layers = [getattr(module, name, None) for name in names]
+            if not all(type(layer) is LoraLinear for layer in layers):
+                continue
+            members = [SiblingLoraLinear.adopt(layer) for layer in layers]
+            group = SiblingGroup(members)
+            for name, member in zip(names, members):
+                object.__setattr__(member, "group", group)  # a plain attribute: not a submodule, not in the state dict
+                setattr(module, name, member)
+            groups += 1
     return groups
+
+
+def ungroup_sibling_projections(model: nn.Module) -> int:
+    """Put plain LoraLinear layers back where `group_sibling_projections` put members (same base
+    layers and adapter parameters); returns how many layers."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is SiblingLoraLinear:
+                layer = LoraLinear.__new__(LoraLinear)
+                nn.Module.__init__(layer)
+                for key, value in vars(child).items():
+                    if not key.startswith("_") and key != "group":
+                        object.__setattr__(layer, key, value)
+                for child_name, grandchild in child.named_children():
+                    layer.add_module(child_name, grandchild)
+                setattr(module, name, layer)
+                count += 1
+    return count

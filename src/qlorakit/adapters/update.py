@@ -62,19 +62,36 @@ def unpool_groups(grad: Tensor, group_size: int | None) -> Tensor:
     return (grad * (groups / group_size)).repeat_interleave(group_size, dim=-1)  # (..., in/G) -> (..., in)
 
 
-_last_zeroed: tuple[weakref.ref, weakref.ref, Tensor] | None = None
+class _SharedInputs:
+    """What the adapters that read one tensor share within a step, each entry keyed by weak
+    references (it never keeps a tensor alive): the dropout positions drawn for the last input
+    (`shared_dropout_positions`) and the last zeroed input (`zeroed_input`). Emptied by
+    `clear_shared_inputs` when training ends (train/fast_paths.py)."""
+
+    def __init__(self):
+        self.drawn: tuple[weakref.ref, float, Tensor] | None = None
+        self.zeroed: tuple[weakref.ref, weakref.ref, Tensor] | None = None
+
+    def clear(self) -> None:
+        self.drawn = self.zeroed = None
 
 
-def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
+_shared = _SharedInputs()
+
+
+def clear_shared_inputs() -> None:
+    _shared.clear()
+
+
+def zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
     """pool(x in `dtype` with dropped elements zeroed), without the 1/(1 − p) factor; `drop` holds
     the flat positions of the dropped elements (`draw_dropout_positions`), or is None. The zeroed x
     is kept for the next caller with the same (x, drop, dtype): the adapters of q, k and v share
     it, in forward and again in backward, instead of zeroing the same tensor three times. The
     result is only valid until the next call: use it at once."""
-    global _last_zeroed
     if drop is None:
         return pool_groups(x.to(dtype), group_size)
-    cached = _last_zeroed
+    cached = _shared.zeroed
     if cached is not None and cached[0]() is x and cached[1]() is drop and cached[2].dtype == dtype:
         zeroed = cached[2]
     else:
@@ -84,7 +101,7 @@ def _zeroed_input(x: Tensor, drop: Tensor | None, group_size: int | None, dtype:
         if zeroed is None:  # off the CPU: a fresh tensor
             zeroed = torch.empty(x.shape, dtype=dtype, device=x.device)
         zeroed = zero_dropped_(zeroed.copy_(x), drop)  # (..., in)
-        _last_zeroed = (weakref.ref(x), weakref.ref(drop), zeroed)
+        _shared.zeroed = (weakref.ref(x), weakref.ref(drop), zeroed)
     return pool_groups(zeroed, group_size)
 
 
@@ -109,7 +126,7 @@ class _AdapterUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, x, lora_A, lora_B, scaling, drop, keep, group_size):
         m = _matmul_dtype(base_out, x, group_size)
-        u = _zeroed_input(x, drop, group_size, m)  # (..., in or in/G)
+        u = zeroed_input(x, drop, group_size, m)  # (..., in or in/G)
         h = (u @ lora_A.to(m).t()).float() * (scaling / keep if drop is not None else scaling)  # s·h, (..., r) fp32
         ctx.save_for_backward(x, drop, h, lora_A, lora_B)
         ctx.scaling, ctx.keep, ctx.group_size, ctx.matmul_dtype = scaling, keep, group_size, m
@@ -130,7 +147,7 @@ class _AdapterUpdate(torch.autograd.Function):
         if ctx.needs_input_grad[3]:  # h was saved as s·h
             grad_B = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ h.to(m).reshape(-1, h.shape[-1])).float()  # (out, r)
         if ctx.needs_input_grad[2]:
-            u = _zeroed_input(x, drop, ctx.group_size, m)  # rebuilt, (..., in or in/G)
+            u = zeroed_input(x, drop, ctx.group_size, m)  # rebuilt, (..., in or in/G)
             grad_A = (grad_h.to(m).reshape(-1, grad_h.shape[-1]).t() @ u.reshape(-1, u.shape[-1])).float() / keep  # (r, in or in/G)
         if ctx.needs_input_grad[1]:
             grad_u = unpool_groups(((grad_h / keep).to(m) @ lora_A.to(m)), ctx.group_size)  # (..., in)
@@ -167,22 +184,18 @@ def zero_dropped_(values: Tensor, dropped: Tensor) -> Tensor:
     return values
 
 
-_last_drawn: tuple[weakref.ref, float, Tensor] | None = None
-
-
 def shared_dropout_positions(x: Tensor, p: float) -> Tensor:
     """The dropped positions (`draw_dropout_positions`) for x, shared by every adapter that reads
     the very same tensor `x` with the same p (q, k and v read one normed hidden state; gate and up
     another): one random draw instead of three, the same regularisation per input. The cache
     holds a weak reference, so it never keeps x alive; a recomputed forward (activation
     checkpointing) sees a new tensor and draws again from the restored RNG state."""
-    global _last_drawn
-    if _last_drawn is not None:
-        ref, cached_p, dropped = _last_drawn
+    if _shared.drawn is not None:
+        ref, cached_p, dropped = _shared.drawn
         if ref() is x and cached_p == p:
             return dropped
     dropped = draw_dropout_positions(x.shape, p, x.device)
-    _last_drawn = (weakref.ref(x), p, dropped)
+    _shared.drawn = (weakref.ref(x), p, dropped)
     return dropped
 
 

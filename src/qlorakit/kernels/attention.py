@@ -28,6 +28,7 @@ inference and generation included, goes to transformers' own `sdpa_attention_for
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -65,44 +66,71 @@ def _is_shared_by_heads(mask: Tensor, length: int) -> bool:
     return mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == length
 
 
-_causal_masks: dict[tuple, Tensor] = {}
-_last_mask: list = [None, None]  # [weakref to the model's mask, its stacked form]
+class _MaskCache:
+    """The stacked masks of the current run (`_stacked_mask`): the causal (G·T, T) mask of the last
+    (G, T, dtype, device), and the last given mask with its stacked form (every layer of a forward
+    gets the same mask tensor from transformers). Emptied by `clear_mask_cache` when training ends."""
+
+    def __init__(self):
+        self.causal: dict[tuple, Tensor] = {}
+        self.given: tuple[weakref.ref, Tensor] | None = None
+
+    def clear(self) -> None:
+        self.causal.clear()
+        self.given = None
+
+
+_masks = _MaskCache()
+
+
+def clear_mask_cache() -> None:
+    _masks.clear()
 
 
 def _stacked_mask(attention_mask: Tensor | None, groups: int, length: int, dtype: torch.dtype, device) -> Tensor:
     """The mask for Q' (module docstring): (G·T, T) additive causal mask (0 or −inf) when there is
-    none, else the given (b, 1, T, T) mask repeated to (b, 1, G·T, T) in its own dtype. Cached: every
-    layer of a forward gets the same mask tensor from transformers, and the causal one depends only
-    on (G, T)."""
+    none, else the given (b, 1, T, T) mask repeated to (b, 1, G·T, T) in its own dtype; cached in
+    `_masks`."""
     if attention_mask is None:
         cache_key = (groups, length, dtype, str(device))
-        mask = _causal_masks.get(cache_key)
+        mask = _masks.causal.get(cache_key)
         if mask is None:
             query_position = torch.arange(groups * length, device=device).remainder(length).unsqueeze(1)  # (G·T, 1)
             key_position = torch.arange(length, device=device).unsqueeze(0)  # (1, T)
             mask = torch.zeros(groups * length, length, dtype=dtype, device=device).masked_fill_(key_position > query_position, float("-inf"))
-            _causal_masks.clear()  # one shape at a time is all a run uses
-            _causal_masks[cache_key] = mask
+            _masks.causal.clear()  # one shape at a time is all a run uses
+            _masks.causal[cache_key] = mask
         return mask
-    source, stacked = _last_mask
-    if source is not None and source() is attention_mask and stacked.shape[-2] == groups * length:
-        return stacked
+    if _masks.given is not None:
+        source, stacked = _masks.given
+        if source() is attention_mask and stacked.shape[-2] == groups * length:
+            return stacked
     rows = attention_mask.shape[0]
     stacked = attention_mask.expand(rows, 1, length, attention_mask.shape[-1]).repeat(1, 1, groups, 1)  # (b, 1, G·T, S)
-    _last_mask[:] = [weakref.ref(attention_mask), stacked]
+    _masks.given = (weakref.ref(attention_mask), stacked)
     return stacked
 
 
-def use_stacked_gqa_attention(model: nn.Module) -> bool:
+def use_stacked_gqa_attention(model: nn.Module) -> Callable[[], None] | None:
     """Make `model` (an sdpa model) use `stacked_gqa_attention`, registering it with transformers'
-    attention and mask interfaces (the mask is sdpa's); True if the model was switched."""
+    attention and mask interfaces (the mask is sdpa's). Returns the function that undoes both (the
+    model back on its own implementation, the registrations removed unless they were there
+    before), or None if the model is not an sdpa model and nothing changed."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
+        return None
+    # register() writes a class-wide mapping (GeneralInterface._global_mapping): note what was there.
+    added = [cls for cls in (AttentionInterface, AttentionMaskInterface) if IMPLEMENTATION not in cls._global_mapping]
     AttentionInterface.register(IMPLEMENTATION, stacked_gqa_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     model.set_attn_implementation(IMPLEMENTATION)
-    return config._attn_implementation == IMPLEMENTATION
+
+    def restore() -> None:
+        model.set_attn_implementation("sdpa")
+        for cls in added:
+            cls._global_mapping.pop(IMPLEMENTATION, None)
+
+    return restore

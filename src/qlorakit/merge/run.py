@@ -87,12 +87,27 @@ def original_weights_of(source) -> dict[str, torch.Tensor]:
     return state
 
 
+AUTO_DTYPES = ("bf16", "fp16", "fp32")
+"""`dtype="auto"` tries these in order and keeps the first whose merge is faithful: the 16-bit
+dtypes first (half the size of fp32), bf16 before fp16 (its range holds any weight; fp16's 10
+mantissa bits keep more of a small update), fp32 last (the fold's own precision)."""
+
+
+def candidate_dtypes(dtype: str, keep_lm_head_fp16: bool = False) -> tuple[str, ...]:
+    """The merge dtypes `merge_loaded` tries for `dtype` (one name, or "auto": AUTO_DTYPES).
+
+    An fp16 head applies to a bf16 merge only, so "auto" with `keep_lm_head_fp16` stops at fp16."""
+    if dtype != "auto":
+        return (dtype,)
+    return tuple(d for d in AUTO_DTYPES if not (keep_lm_head_fp16 and d == "fp32"))
+
+
 def merge_loaded(
     loaded,
     cfg,
     out: str | Path | None,
     *,
-    dtype: str = "bf16",
+    dtype: str = "auto",
     into: str = "dequantized",
     keep_lm_head_fp16: bool = False,
     requantize: str | None = None,
@@ -106,14 +121,38 @@ def merge_loaded(
 
     `out` ending in .gguf, or an int4 QA-LoRA run with `keep_quantized` and `into` "dequantized",
     take the exact fold (`merge_exact`; `dtype` and `keep_lm_head_fp16` do not apply there);
-    everything else is the 16-bit merge.
-    """
-    from qlorakit.merge.write import StagedWrite
+    everything else is the 16-bit merge, in `dtype` or, for "auto", in the first of
+    `candidate_dtypes` whose merge passes the fidelity check. merge_report.json lists every dtype
+    tried with its agreement (`dtype_choice`). `force` writes the last candidate even when it is
+    not faithful.
 
+    Raises:
+        UnfaithfulMergeError: no candidate dtype gives a faithful merge (and not `force`).
+    """
     exact = exact_merge_format(cfg, out, into, requantize, keep_quantized)
     if exact is not None:
         return merge_exact(loaded, cfg, out, exact, force=force, overwrite=overwrite, min_agreement=min_agreement, spec=spec)
     started = time.perf_counter()
+    candidates = candidate_dtypes(dtype, keep_lm_head_fp16)
+    tried: list[dict] = []
+    for candidate in candidates:
+        last = candidate == candidates[-1]
+        result = _merge_dense(loaded, cfg, out, candidate, into, keep_lm_head_fp16, requantize, force and last,
+                              overwrite, min_agreement, spec, tried, requested=dtype, last=last)
+        if result is not None:
+            result.seconds = time.perf_counter() - started
+            return result
+    raise AssertionError("unreachable: the last candidate dtype returns or raises")
+
+
+def _merge_dense(loaded, cfg, out, dtype: str, into: str, keep_lm_head_fp16: bool, requantize: str | None,
+                 force: bool, overwrite: bool, min_agreement: float, spec: dict | None, tried: list[dict],
+                 requested: str, last: bool) -> MergeResult | None:
+    """One 16-bit merge in `dtype`. Unfaithful and not `last`: records the try in `tried`, writes
+    nothing and returns None (the caller tries the next dtype); unfaithful and `last`: raises
+    unless `force`."""
+    from qlorakit.merge.write import StagedWrite
+
     adapter_model, tokenizer = loaded.model, loaded.tokenizer
     original = original_weights_of(loaded.source) if into == "original" else None
     merged = merge_to_dense(adapter_model, to_torch_dtype(dtype), keep_lm_head_fp16, original)
@@ -122,7 +161,16 @@ def merge_loaded(
     staged = StagedWrite(merged, tokenizer, out, overwrite=overwrite) if out is not None else None
     try:
         report, fidelity, rq_fidelity, survival, rq_survival, requantized = _check_merge(
-            adapter_model, merged, tokenizer, cfg, dtype, into, keep_lm_head_fp16, requantize, force, min_agreement, original)
+            adapter_model, merged, tokenizer, cfg, dtype, into, keep_lm_head_fp16, requantize, min_agreement, original)
+        tried.append({"dtype": dtype, "greedy_token_agreement": fidelity.greedy_token_agreement,
+                      "faithful": report["faithful"]})
+        report["dtype_choice"] = {"requested": requested, "tried": list(tried)}
+        if not report["faithful"] and not last:
+            if staged is not None:
+                staged.discard()
+            return None
+        if not report["faithful"] and not force:
+            _refuse_unfaithful(fidelity, min_agreement, survival, tried)
         out_dir = None
         if staged is not None:
             spec = spec or metadata.build_spec(cfg, loaded.source.name, Path(cfg.data.path).stem, loaded.source.location)
@@ -133,15 +181,29 @@ def merge_loaded(
         if staged is not None:
             staged.discard()
         raise
-    return MergeResult(out_dir, fidelity, rq_fidelity, survival, rq_survival, report, time.perf_counter() - started, merged,
-                       requantized)
+    return MergeResult(out_dir, fidelity, rq_fidelity, survival, rq_survival, report, 0.0, merged, requantized)
+
+
+def _refuse_unfaithful(fidelity: FidelityReport, min_agreement: float, survival: dict, tried: list[dict]) -> None:
+    """Raise the fidelity check's error, saying what each dtype tried kept."""
+    try:
+        check_faithful(fidelity, min_agreement)
+    except ValueError as error:
+        last = tried[-1]["dtype"]
+        if len(tried) > 1:
+            each = ", ".join(f"{t['dtype']} {t['greedy_token_agreement']:.4f}" for t in tried)
+            raise type(error)(f"{error} (agreement by merge dtype: {each})") from None
+        if last != "fp32":
+            raise type(error)(f"{error} (casting the merged weights to {last} kept {survival['kept']:.3f} of the "
+                              f"update with noise {survival['noise']:.3f}; --dtype fp32 or --dtype auto keeps it whole)") from None
+        raise
 
 
 def _check_merge(adapter_model, merged, tokenizer, cfg, dtype: str, into: str, keep_lm_head_fp16: bool,
-                 requantize: str | None, force: bool, min_agreement: float, original):
-    """The fidelity report and update survival of a 16-bit merge (and of its re-quantized twin);
-    raises unless faithful or forced. Returns (report, fidelity, rq_fidelity, survival, rq_survival,
-    requantized model)."""
+                 requantize: str | None, min_agreement: float, original):
+    """The fidelity report and update survival of a 16-bit merge (and of its re-quantized twin).
+    Returns (report, fidelity, rq_fidelity, survival, rq_survival, requantized model); the
+    report's "faithful" says whether the merge passes (the caller decides what follows)."""
     from qlorakit.merge.requantize import requantize_like_peft
     from qlorakit.merge.survival import update_survivals
 
@@ -173,14 +235,6 @@ def _check_merge(adapter_model, merged, tokenizer, cfg, dtype: str, into: str, k
             "format": requantize, "fidelity": rq_fidelity.to_dict(), "update_survival": {k: rq_survival[k] for k in ("kept", "noise")},
         },
     }
-    if not force:
-        try:
-            check_faithful(fidelity, min_agreement)
-        except ValueError as error:
-            if dtype != "fp32":
-                raise type(error)(f"{error} (casting the merged weights to {dtype} kept {survival['kept']:.3f} of the "
-                                  f"update with noise {survival['noise']:.3f}; --dtype fp32 keeps it whole)") from None
-            raise
     return report, fidelity, rq_fidelity, survival, rq_survival, requantized
 
 
@@ -308,12 +362,13 @@ def _write_exact(loaded, merged, layers: list[str], out: Path, fmt: str, files: 
 def merge_run(run_dir: str | Path, out: str | Path, progress: bool = True, **options) -> MergeResult:
     """Restore a run from its metadata and merge it (options as in `merge_loaded`).
 
-    A .gguf `out` the run cannot fold into, or one that exists, is refused before the model is loaded.
+    Every input is checked before the model is loaded: the run (not being written, config.yaml,
+    quantization.json, a complete adapter: `check_run_dir`) and `out` (a .gguf the run cannot fold
+    into, or an output that exists).
     """
-    from qlorakit.config import load_config
-    from qlorakit.models.restore import load_run
+    from qlorakit.models.restore import check_run_dir, load_run
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
+    cfg = check_run_dir(run_dir)
     exact = exact_merge_format(cfg, out, options.get("into", "dequantized"), options.get("requantize"))
     if out is not None:  # every output is checked before the model is loaded
         _check_exact_out(Path(out), exact, options.get("overwrite", False))

@@ -48,6 +48,11 @@ def scratch_buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype, device
     return buffer[:numel].view(shape)
 
 
+def release_scratch_buffers() -> None:
+    """Drop this thread's scratch buffers (training calls it when it ends; the next use allocates anew)."""
+    _scratch.__dict__.pop("buffers", None)
+
+
 class _DequantizedMatmul(torch.autograd.Function):
     """x @ W.T with W rebuilt by `dequantize()` in forward and backward (never saved)."""
 

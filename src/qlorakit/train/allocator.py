@@ -49,6 +49,9 @@ def mmap_threshold_for(dtype: str, checkpointing: bool = False) -> int:
     return REUSE_THRESHOLD_BYTES if dtype == "bf16" else RETURN_THRESHOLD_BYTES
 
 
+GLIBC_DEFAULT_THRESHOLD_BYTES = 128 << 10  # glibc's initial mmap and trim thresholds
+
+
 def fix_mmap_threshold(dtype: str, checkpointing: bool = False) -> bool:
     """Set glibc's mmap threshold for a run in compute dtype `dtype` (disabling its dynamic
     growth); True if it was set. Not on other systems, and not when MALLOC_MMAP_THRESHOLD_ is set:
@@ -62,4 +65,20 @@ def fix_mmap_threshold(dtype: str, checkpointing: bool = False) -> bool:
             libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):  # musl and others have no mallopt: nothing to tune
+        return False
+
+
+def restore_malloc_defaults() -> bool:
+    """Put glibc's mmap and trim thresholds back to their initial values (128 KiB each), after
+    `fix_mmap_threshold`; True if done. glibc has no call that turns its dynamic mmap threshold
+    back on, so the threshold stays fixed at 128 KiB, where a fresh process starts. A user's
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ were never overridden and are left alone."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+            libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD_BYTES)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
         return False

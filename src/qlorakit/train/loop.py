@@ -8,7 +8,10 @@
         for each of grad_accum micro-batches: loss = Σ token losses / tokens in the whole step; backward
         clip gradients; stop (or skip) on a non-finite loss or gradient; optimizer step
         log / validate / checkpoint
-    save adapter (peft format), loss.png, [merge]
+    save adapter (peft format), loss.png
+
+`merge.after_train` is carried out by the caller (qlorakit.pipeline), since train and merge are
+siblings that do not import each other.
 
 Losses are normalised by the number of trained tokens in the whole accumulated step, so
 grad_accum=k with batch b gives the same update as one batch of k·b rows.
@@ -30,22 +33,19 @@ from tqdm.auto import tqdm
 from qlorakit import metadata
 from qlorakit.adapters.inject import add_adapters, trainable_parameters
 from qlorakit.adapters.peft_format import adapter_state_dict, save_adapter
-from qlorakit.adapters.siblings import group_sibling_projections
 from qlorakit.config import Config, save_config
 from qlorakit.data.collate import collate_packed, collate_padded, length_grouped_batches, pad_token_id
 from qlorakit.data.dataset import build_datasets
-from qlorakit.kernels.attention import use_stacked_gqa_attention
-from qlorakit.kernels.patch import use_fused_kernels
 from qlorakit.models.load import load_model, load_tokenizer
 from qlorakit.models.sources import resolve_source
 from qlorakit.quant.linear import cached_dense_weights
 from qlorakit.train import checkpoint as ckpt
-from qlorakit.train.allocator import fix_mmap_threshold
 from qlorakit.train.distributed import World, init_world, shutdown
+from qlorakit.train.fast_paths import model_fast_paths, process_fast_paths
 from qlorakit.train.loss import causal_lm_loss
 from qlorakit.train.metrics import MetricsLog, plot_loss, read_metrics, sparkline
 from qlorakit.train.optim import build_optimizer
-from qlorakit.train.rundir import check_output_dir, create_output_dir
+from qlorakit.train.rundir import claim_output_dir, create_output_dir
 from qlorakit.train.schedule import lr_at
 
 
@@ -64,6 +64,9 @@ class TrainResult:
     resumed_from: str | None
     model: object = None
     tokenizer: object = None
+    source: object = None  # the resolved model source (models.sources.ModelSource)
+    spec: dict | None = None  # quantization.json of the run
+    is_main: bool = True  # rank 0 (or the only process): the one that writes the run directory
 
 
 def _log(message: str) -> None:
@@ -156,19 +159,31 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
     """Train `cfg` (module docstring). `keep_dense_weights` keeps every quantized layer's dense
     weight for the whole run (`cached_dense_weights`: one dequantization per layer instead of two
     per step, at the cost of a dense copy of the base; same numbers, since the base is frozen);
-    `qlorakit demo` uses it, where the model is small and each step short."""
+    `qlorakit demo` uses it, where the model is small and each step short.
+
+    The fast paths `train.fast_paths` names (train/fast_paths.py) apply for the run and are undone
+    before this returns: the returned model has transformers' own modules and attention."""
+    with contextlib.ExitStack() as fast_paths:
+        return _train(cfg, fast_paths, overwrite=overwrite, progress=progress, device=device,
+                      keep_dense_weights=keep_dense_weights)
+
+
+def _train(cfg: Config, fast_paths: contextlib.ExitStack, *, overwrite: bool, progress: bool, device: str | None,
+           keep_dense_weights: bool) -> TrainResult:
     started = time.perf_counter()
     t = cfg.train
     run_dir = Path(t.output_dir)
     world = init_world()
-    fix_mmap_threshold(cfg.model.dtype, t.gradient_checkpointing)  # heap reuse or mmap (train/allocator.py)
+    fast = fast_paths.enter_context(process_fast_paths(t.fast_paths, dtype=cfg.model.dtype, gradient_checkpointing=t.gradient_checkpointing))
     device = device or (f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     progress = progress and world.is_main
     if world.size > 1 and world.is_main:
         _log(f"world size: {world.size}")
 
     # 1. Validate everything before writing anything.
-    check_output_dir(run_dir, overwrite=overwrite, resume=t.resume, inputs={"data.path": cfg.data.path, "model.name": cfg.model.name})
+    # Rank 0 writes the run directory: it holds its lock (files/lock.py) until train() returns or raises.
+    fast_paths.enter_context(claim_output_dir(run_dir, overwrite=overwrite, resume=t.resume, lock=world.is_main,
+                                              inputs={"data.path": cfg.data.path, "model.name": cfg.model.name}))
     source = resolve_source(cfg.model.name, allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer = load_tokenizer(source)
     d = cfg.data
@@ -194,10 +209,7 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         use_rslora=cfg.adapter.use_rslora, kind=cfg.adapter.kind,
         group_size=cfg.adapter_group_size if cfg.adapter.kind == "qalora" else None,
     )
-    use_fused_kernels(model)  # same outputs as transformers' RMSNorm/MLP, less saved for backward
-    group_sibling_projections(model)  # q/k/v and gate/up as one layer each (adapters/siblings.py)
-    if torch.device(device).type == "cpu":
-        use_stacked_gqa_attention(model)  # larger flash-attention blocks for grouped-query heads (kernels/attention.py)
+    fast_paths.enter_context(model_fast_paths(model, t.fast_paths, fast, dtype=cfg.model.dtype, device=device))
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
@@ -231,6 +243,7 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
             f"({t.schedule} schedule, warmup {t.warmup_ratio:g}), effective batch {t.batch_size} x {t.grad_accum} x "
             f"{world.size} = {t.batch_size * t.grad_accum * world.size}, device {device}"
         )
+        _log(fast.summary())
 
     # 4. The loop.
     model.train()
@@ -301,23 +314,11 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
         losses = [r["loss"] for r in records if r.get("loss") is not None]
         if losses:
             _log(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}  {sparkline(losses)}")
-        if cfg.merge.after_train:
-            _merge_after_training(cfg, model, tokenizer, source, spec, run_dir)
     world.barrier()
     shutdown(world)
     model.eval()
-    return TrainResult(run_dir, steps, first_loss, last_loss, val_loss, time.perf_counter() - started, resumed_from, model, tokenizer)
-
-
-def _merge_after_training(cfg: Config, model, tokenizer, source, spec: dict, run_dir: Path) -> None:
-    """merge.after_train: the faithful merge of `qlorakit merge` into <run>/merged."""
-    from qlorakit.merge.run import format_merge, merge_loaded
-    from qlorakit.models.load import LoadedModel
-
-    m = cfg.merge
-    result = merge_loaded(LoadedModel(model, tokenizer, source), cfg, run_dir / "merged", dtype=m.dtype, into=m.into,
-                          keep_lm_head_fp16=m.keep_lm_head_fp16, spec=spec)
-    _log(format_merge(result))
+    return TrainResult(run_dir, steps, first_loss, last_loss, val_loss, time.perf_counter() - started, resumed_from, model,
+                       tokenizer, source, spec, world.is_main)
 
 
 def _sum_float(value: float, world: World, device) -> float:
