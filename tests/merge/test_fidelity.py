@@ -66,8 +66,10 @@ def test_batched_probes_give_the_figures_of_one_prompt_at_a_time(tiny_tokenizer)
     merged = merge_to_dense(model, torch.bfloat16)
     batched = fidelity_report(model, merged, tiny_tokenizer, PROMPTS, max_new_tokens=6)
     single = fidelity_report(model, merged, tiny_tokenizer, PROMPTS, max_new_tokens=6, batch_size=1)
-    assert batched.max_abs_logit_diff == pytest.approx(single.max_abs_logit_diff, abs=1e-5)
-    assert batched.mean_kl == pytest.approx(single.mean_kl, rel=1e-3, abs=1e-9)
+    # bf16 matmuls of 1 and of n rows may block their sums differently (2.5e-5 apart measured on an
+    # AVX2 CPU that emulates bf16); a padding or position error moves logits by far more than 2e-4.
+    assert batched.max_abs_logit_diff == pytest.approx(single.max_abs_logit_diff, abs=2e-4)
+    assert batched.mean_kl == pytest.approx(single.mean_kl, rel=2e-2, abs=1e-9)  # KL of ~5e-7: the same rounding, relative
     assert batched.greedy_token_agreement == single.greedy_token_agreement
     assert [r.reference_generation for r in batched.rows] == [r.reference_generation for r in single.rows]
 

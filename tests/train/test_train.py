@@ -155,6 +155,9 @@ def test_merge_after_train_with_defaults_is_faithful(tiny_model_dir, qa_rows, tm
     assert [t["dtype"] for t in tried] == list(AUTO_DTYPES[: len(tried)])
     assert [t["faithful"] for t in tried] == [False] * (len(tried) - 1) + [True]
     assert report["dtype"] == tried[-1]["dtype"] == merged.report["dtype"]
+    from qlorakit.dtypes import matmul_is_native
+
+    assert report["evaluated_in"] == (report["dtype"] if matmul_is_native(report["dtype"]) else "fp32")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").eval()
     assert str(plain.dtype).endswith({"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[report["dtype"]])
     ids = result.tokenizer.apply_chat_template([{"role": "user", "content": qa_rows[0]["instruction"]}],

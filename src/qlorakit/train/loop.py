@@ -36,6 +36,7 @@ from qlorakit.adapters.peft_format import adapter_state_dict, save_adapter
 from qlorakit.config import Config, save_config
 from qlorakit.data.collate import collate_packed, collate_padded, length_grouped_batches, pad_token_id
 from qlorakit.data.dataset import build_datasets
+from qlorakit.dtypes import matmul_is_native
 from qlorakit.models.load import load_model, load_tokenizer
 from qlorakit.models.sources import resolve_source
 from qlorakit.quant.linear import cached_dense_weights
@@ -177,6 +178,9 @@ def _train(cfg: Config, fast_paths: contextlib.ExitStack, *, overwrite: bool, pr
     fast = fast_paths.enter_context(process_fast_paths(t.fast_paths, dtype=cfg.model.dtype, gradient_checkpointing=t.gradient_checkpointing))
     device = device or (f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     progress = progress and world.is_main
+    if world.is_main and not matmul_is_native(cfg.model.dtype, device):
+        _log(f"warning: model.dtype {cfg.model.dtype}: this CPU has no {cfg.model.dtype} matmul instructions and torch "
+             f"emulates them, many times slower than fp32; model.dtype=fp32 trains faster here")
     if world.size > 1 and world.is_main:
         _log(f"world size: {world.size}")
 
