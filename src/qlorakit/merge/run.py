@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from qlorakit import metadata
-from qlorakit.dtypes import to_torch_dtype
+from qlorakit.dtypes import matmul_is_native, to_torch_dtype
 from qlorakit.merge.fidelity import FidelityReport, check_faithful, fidelity_report, probe_set, run_probes
 from qlorakit.merge.fold import MergeError, merge_to_dense
 from qlorakit.models.precision import computing_in
@@ -208,14 +208,20 @@ def _check_merge(adapter_model, merged, tokenizer, cfg, dtype: str, into: str, k
     from qlorakit.merge.survival import update_survivals
 
     prompts = probe_set(training_prompts(cfg.data.path))
-    # The adapter model's answers, run once, at the merged model's precision: the report then
-    # measures the merge, not the gap between bf16 and fp32 arithmetic (models/precision.py).
-    with computing_in(adapter_model, to_torch_dtype(dtype)), cached_dense_weights(adapter_model):
+    # Both models compute at one precision, so that the report measures the merge, not the gap
+    # between bf16 and fp32 arithmetic (models/precision.py): the merged model's own, or fp32 where
+    # the device only emulates it (a 16-bit probe run would take minutes there); the merged
+    # weights are the rounded ones either way. (A kept fp16 head casts activations at its boundary
+    # and keeps its own dtype's arithmetic.)
+    native = matmul_is_native(dtype, next(merged.parameters()).device)
+    arithmetic = dtype if native or keep_lm_head_fp16 else "fp32"
+    with computing_in(adapter_model, to_torch_dtype(arithmetic)), cached_dense_weights(adapter_model):
         reference = run_probes(adapter_model, tokenizer, prompts)
-    fidelity = fidelity_report(adapter_model, merged, tokenizer, prompts, reference=reference)
+    with computing_in(merged, to_torch_dtype(arithmetic)):
+        fidelity = fidelity_report(adapter_model, merged, tokenizer, prompts, reference=reference)
     rq_fidelity = rq_survival = requantized = None
     if requantize:
-        requantized = requantize_like_peft(merged, requantize, compute_dtype=to_torch_dtype(dtype))
+        requantized = requantize_like_peft(merged, requantize, compute_dtype=to_torch_dtype(arithmetic))
         with cached_dense_weights(requantized):
             rq_fidelity = fidelity_report(adapter_model, requantized, tokenizer, prompts, reference=reference)
     survivals = update_survivals(adapter_model, [merged] + ([requantized] if requantize else []), original)
@@ -225,6 +231,7 @@ def _check_merge(adapter_model, merged, tokenizer, cfg, dtype: str, into: str, k
     report = {
         "run": str(cfg.train.output_dir),
         "dtype": dtype,
+        "evaluated_in": arithmetic,
         "into": into,
         "lm_head_dtype": "fp16" if keep_lm_head_fp16 else dtype,
         "min_agreement": min_agreement,
