@@ -186,14 +186,7 @@ class SiblingLoraLinear(LoraLinear):
 
     @classmethod
     def adopt(cls, layer: LoraLinear) -> "SiblingLoraLinear":
-        member = cls.__new__(cls)
-        nn.Module.__init__(member)
-        for key, value in vars(layer).items():  # the plain attributes: r, scaling, disabled, training, ...
-            if not key.startswith("_"):
-                object.__setattr__(member, key, value)
-        for name, child in layer.named_children():  # base_layer, lora_A, lora_B, lora_dropout: the same modules
-            member.add_module(name, child)
-        return member
+        return _same_layer_as(cls, layer)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.group.output(self, x)
@@ -229,13 +222,21 @@ def ungroup_sibling_projections(model: nn.Module) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is SiblingLoraLinear:
-                layer = LoraLinear.__new__(LoraLinear)
-                nn.Module.__init__(layer)
-                for key, value in vars(child).items():
-                    if not key.startswith("_") and key != "group":
-                        object.__setattr__(layer, key, value)
-                for child_name, grandchild in child.named_children():
-                    layer.add_module(child_name, grandchild)
+                layer = _same_layer_as(LoraLinear, child)
                 setattr(module, name, layer)
                 count += 1
     return count
+
+
+def _same_layer_as(cls: type, layer: LoraLinear) -> LoraLinear:
+    """A `cls` instance holding `layer`'s plain attributes (r, scaling, disabled, training, ...; not
+    its group) and the very same child modules (base_layer, lora_A, lora_B, lora_dropout): the same
+    layer under another class, with the same state-dict names."""
+    twin = cls.__new__(cls)
+    nn.Module.__init__(twin)
+    for key, value in vars(layer).items():
+        if not key.startswith("_") and key != "group":
+            object.__setattr__(twin, key, value)
+    for name, child in layer.named_children():
+        twin.add_module(name, child)
+    return twin
