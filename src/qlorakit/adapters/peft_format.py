@@ -95,6 +95,35 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     return config
 
 
+def check_adapter_dir(directory: str | os.PathLike) -> dict:
+    """Check a peft adapter directory without a model (before one loads); returns its config.
+
+    adapter_config.json: JSON, a LORA adapter, numeric `r` and `lora_alpha`; adapter_model.safetensors:
+    complete (header and size, files/safetensors_check.py) and holding lora_A/lora_B tensors.
+    Whether the shapes fit the base is for `load_adapter` to say, once the base is there.
+
+    Raises:
+        AdapterError: naming the file and what is wrong.
+    """
+    from qlorakit.files.safetensors_check import SafetensorsFileError, check_safetensors
+
+    config = read_adapter_config(directory)
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise AdapterError(f"{Path(directory) / CONFIG_NAME}: {key} must be a positive number, got {value!r}")
+    weights_path = Path(directory) / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (qlorakit loads adapter weights from safetensors only)")
+    try:
+        tensors = check_safetensors(weights_path)
+    except SafetensorsFileError as error:
+        raise AdapterError(str(error)) from None
+    if not any(".lora_" in key for key in tensors):
+        raise AdapterError(f"{weights_path}: holds no lora_A/lora_B tensors")
+    return config
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> dict:
     """Add the adapters of a peft LoRA/QA-LoRA directory to `model` (base frozen); returns its config.
 

@@ -148,7 +148,7 @@ def evaluate(
     """{"results": [{"model": NAME, "metrics": {METRIC: VALUE}}, ...]} in the order of `models`."""
     from tqdm.auto import tqdm
 
-    from qlorakit.models.restore import load_any
+    from qlorakit.models.restore import check_loadable, load_any
 
     names = M.parse_metrics(metrics)
     qa = [m for m in names if m in M.QA_METRICS]
@@ -156,6 +156,8 @@ def evaluate(
     if qa and not rows.items:
         raise ValueError(f"{data}: no question/answer rows for {','.join(qa)} (need question/answer, "
                          "prompt/completion, Alpaca or chat rows ending in an assistant turn); use --metrics ppl")
+    for name in models:  # every run's files, before the first model loads
+        check_loadable(name)
     results = []
     for name in models:
         loaded = load_any(name, device=device, progress=progress)

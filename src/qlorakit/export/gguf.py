@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from qlorakit.files.lock import check_not_in_use
 from qlorakit.models import gguf_io
 from qlorakit.quant.base import QuantizedWeight
 
@@ -326,6 +327,7 @@ def _check_model_dir(path: Path) -> None:
     """A merged 16-bit directory, or an error saying what `path` is and what to pass instead."""
     from qlorakit.export.quantized import is_quantized_dir
 
+    check_not_in_use(path, path.parent)  # a run still being written, or RUN/merged while RUN is
     merge_first = "export takes a merged 16-bit directory (qlorakit merge RUN --out DIR)"
     if path.is_file():
         what = "already a GGUF file" if path.suffix.lower() == ".gguf" else "a file"

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from qlorakit import metadata
+from qlorakit.files.lock import check_not_in_use
 
 GROUP_SIZE = 64  # bitsandbytes' default blocksize for 4-bit
 SKIP_FILES = ("config.json", "quantization.json", "merge_report.json", "model.safetensors.index.json")
@@ -90,6 +91,7 @@ def export_nf4(model_dir: str | os.PathLike, out_dir: str | os.PathLike, compute
     from qlorakit.quant.replace import linear_layer_names
 
     model_dir, out = Path(model_dir), Path(out_dir)
+    check_not_in_use(model_dir, model_dir.parent)  # a run still being written, or RUN/merged while RUN is
     if out.exists() and not out.is_dir():
         raise NF4ExportError(f"{out}: exists and is a file; --out must name a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:

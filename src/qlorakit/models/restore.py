@@ -7,6 +7,8 @@
     anything else      a model source (HF dir, hub id), unquantized
 
 The user never repeats the quantization: it is read from config.yaml / quantization.json.
+Every file a restore reads is checked before a model loads (`check_loadable`, `check_run_dir`),
+and a directory a training run is still writing is refused, naming that run (files/lock.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qlorakit import metadata
+from qlorakit.files.lock import check_not_in_use
 from qlorakit.models.load import LoadedModel, load_model
 
 
@@ -24,13 +27,51 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file()
 
 
+def check_run_dir(run_dir: str | Path):
+    """The run's Config, once everything `load_run` reads has been checked without loading a model.
+
+    A run still being written is refused (naming the process); config.yaml must load (errors name
+    the key), quantization.json, when present, must be a JSON object, and the adapter must be
+    complete (`check_adapter_dir`: config JSON, safetensors header and size).
+
+    Raises:
+        DirectoryInUseError, ConfigError, ValueError, AdapterError: naming the file and what is wrong.
+    """
+    from qlorakit.adapters.peft_format import check_adapter_dir
+    from qlorakit.config import ConfigError, load_config
+
+    run_dir = Path(run_dir)
+    check_not_in_use(run_dir)
+    config_path = run_dir / "config.yaml"
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as error:  # a bad key's message names the key; say which file holds it
+        if str(config_path) in str(error):
+            raise
+        raise ConfigError(f"{config_path}: {error}") from None
+    spec = metadata.read_spec(run_dir)
+    if spec is not None and not isinstance(spec, dict):
+        raise ValueError(f"{run_dir / metadata.FILENAME}: not a JSON object")
+    check_adapter_dir(run_dir / "adapter")
+    return cfg
+
+
+def check_loadable(path: str | Path) -> None:
+    """What `load_any` checks before loading `path`: a directory another process is writing, or a
+    merged model inside a run being written (RUN/merged), is refused; a run directory gets `check_run_dir`."""
+    path = Path(path)
+    if path.is_dir():
+        check_not_in_use(path, path.parent)
+    if is_run_dir(path):
+        check_run_dir(path)
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> tuple[LoadedModel, object]:
     """(base quantized as in training + trained adapter, the run's Config)."""
     from qlorakit.adapters.peft_format import load_adapter
-    from qlorakit.config import load_config
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = check_run_dir(run_dir)
     q = cfg.quant
     loaded = load_model(
         cfg.model.name, dtype=cfg.model.dtype, quant=q.method, group_size=q.group_size, double_quant=q.double_quant,
@@ -43,6 +84,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: 
 
 def load_any(path: str, device: str | torch.device = "cpu", progress: bool = True) -> LoadedModel:
     """A run, a merged directory or a model source, restored from its own metadata."""
+    check_loadable(path)
     if is_run_dir(path):
         return load_run(path, device, progress)[0]
     from qlorakit.export.quantized import is_quantized_dir, load_quantized_dir

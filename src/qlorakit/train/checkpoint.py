@@ -10,6 +10,8 @@ Everything is written into checkpoints/.step-N.tmp-XXXX, made durable (fsync of 
 the directory) and renamed to step-N at the end, so a crash mid-write never leaves a directory that
 looks complete; `latest_checkpoint` ignores temporaries and the next save or resume removes them.
 Tensors go through safetensors and structure through JSON: resuming never unpickles.
+A write that fails (disk full, quota, I/O error) leaves the earlier checkpoints as they were and
+raises CheckpointWriteError: one line naming the file, the step and the last complete checkpoint.
 
 Resuming is exact: with the adapter, the optimizer state (AdamW moments and step counts, bit for
 bit), the RNG states (adapter dropout) and the data position restored, and the learning rate a
@@ -27,9 +29,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); earlier ones are intact."""
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -66,33 +73,65 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], skeleton) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, adapter_state: dict, optimizer, data_position: dict) -> Path:
-    """Write checkpoints/step-`step` atomically; returns its path."""
+    """Write checkpoints/step-`step` atomically; returns its path.
+
+    Raises:
+        CheckpointWriteError: a file could not be written (the temporary directory is removed, the
+            checkpoints already there are untouched); the message names the file, the step and the
+            last complete checkpoint.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    remove_staging(root)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
+    final = root / f"step-{step}"
+    writing = final
+    staging = None
     try:
-        save_file(adapter_state, str(staging / "adapter_model.safetensors"))
+        root.mkdir(parents=True, exist_ok=True)
+        remove_staging(root)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
+        writing = final / "adapter_model.safetensors"  # named by where it is published: the staging name is gone after
+        save_file(adapter_state, str(staging / writing.name))
         tensors, rest = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(staging / "optimizer.safetensors"))
+        writing = final / "optimizer.safetensors"
+        save_file(tensors, str(staging / writing.name))
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(staging / "rng.safetensors"))
-        (staging / "state.json").write_text(json.dumps({"step": step, "data": data_position, "optimizer": rest}, indent=1))
+        writing = final / "rng.safetensors"
+        save_file(rng, str(staging / writing.name))
+        writing = final / "state.json"
+        (staging / writing.name).write_text(json.dumps({"step": step, "data": data_position, "optimizer": rest}, indent=1))
         for path in staging.iterdir():  # make the bytes durable before the rename publishes them
+            writing = final / path.name
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+        writing = final
         _fsync_dir(staging)
-        final = root / f"step-{step}"
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
         _fsync_dir(root)  # ... and the rename itself
         return final
+    except (OSError, SafetensorError) as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        latest = latest_checkpoint(run_dir)
+        kept = f"{latest} (intact: free some space, then resume from it with train.resume=true)" if latest else "none yet"
+        raise CheckpointWriteError(
+            f"step {step}: cannot write the checkpoint file {writing}: {_reason(error)}; last complete checkpoint: {kept}"
+        ) from error
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _reason(error: BaseException) -> str:
+    """What the OS said, without the wrapping: safetensors reports ENOSPC as
+    "Error while serializing: I/O error: No space left on device (os error 28)"."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.rsplit("I/O error: ", 1)[-1]
 
 
 def _fsync_dir(path: Path) -> None:
