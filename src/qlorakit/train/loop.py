@@ -164,18 +164,18 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True, device
 
     The fast paths `train.fast_paths` names (train/fast_paths.py) apply for the run and are undone
     before this returns: the returned model has transformers' own modules and attention."""
-    with contextlib.ExitStack() as fast_paths:
-        return _train(cfg, fast_paths, overwrite=overwrite, progress=progress, device=device,
+    with contextlib.ExitStack() as run_scope:  # the run directory's lock and the fast paths, left on return
+        return _train(cfg, run_scope, overwrite=overwrite, progress=progress, device=device,
                       keep_dense_weights=keep_dense_weights)
 
 
-def _train(cfg: Config, fast_paths: contextlib.ExitStack, *, overwrite: bool, progress: bool, device: str | None,
+def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, progress: bool, device: str | None,
            keep_dense_weights: bool) -> TrainResult:
     started = time.perf_counter()
     t = cfg.train
     run_dir = Path(t.output_dir)
     world = init_world()
-    fast = fast_paths.enter_context(process_fast_paths(t.fast_paths, dtype=cfg.model.dtype, gradient_checkpointing=t.gradient_checkpointing))
+    fast = run_scope.enter_context(process_fast_paths(t.fast_paths, dtype=cfg.model.dtype, gradient_checkpointing=t.gradient_checkpointing))
     device = device or (f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     progress = progress and world.is_main
     if world.is_main and not matmul_is_native(cfg.model.dtype, device):
@@ -186,7 +186,7 @@ def _train(cfg: Config, fast_paths: contextlib.ExitStack, *, overwrite: bool, pr
 
     # 1. Validate everything before writing anything.
     # Rank 0 writes the run directory: it holds its lock (files/lock.py) until train() returns or raises.
-    fast_paths.enter_context(claim_output_dir(run_dir, overwrite=overwrite, resume=t.resume, lock=world.is_main,
+    run_scope.enter_context(claim_output_dir(run_dir, overwrite=overwrite, resume=t.resume, lock=world.is_main,
                                               inputs={"data.path": cfg.data.path, "model.name": cfg.model.name}))
     source = resolve_source(cfg.model.name, allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer = load_tokenizer(source)
@@ -213,7 +213,7 @@ def _train(cfg: Config, fast_paths: contextlib.ExitStack, *, overwrite: bool, pr
         use_rslora=cfg.adapter.use_rslora, kind=cfg.adapter.kind,
         group_size=cfg.adapter_group_size if cfg.adapter.kind == "qalora" else None,
     )
-    fast_paths.enter_context(model_fast_paths(model, t.fast_paths, fast, dtype=cfg.model.dtype, device=device))
+    run_scope.enter_context(model_fast_paths(model, t.fast_paths, fast, dtype=cfg.model.dtype, device=device))
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
