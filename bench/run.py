@@ -8,7 +8,7 @@ Reported (medians over rounds; peak RSS is the largest):
   tokens_per_s / peak_rss_mib     qlorakit (its preferred compute dtype: bf16 on CUDA and on CPUs with native
                                   bf16, fp32 elsewhere; qlorakit.dtypes.preferred_dtype), qlorakit_other_allocator
                                   (the mmap threshold qlorakit does not pick for this dtype: 1 MiB for bf16,
-                                  32 MiB for fp32; qlorakit/train/allocator.py), hf_reference (transformers +
+                                  32 MiB for fp32; qlorakit/allocator.py), hf_reference (transformers +
                                   peft + bitsandbytes NF4, compute bf16 where the CPU has native bf16, else fp32:
                                   the dtype a user of that machine picks), hf_reference_gc (the same with
                                   gradient checkpointing), hf_reference_fp32, qlorakit_bf16. On a CPU that
@@ -83,7 +83,7 @@ def _worker(name: str, *flags: str, steps: int) -> tuple[str, list[str]]:
 def other_allocator(dtype: str) -> dict[str, str]:
     """The environment that gives a `dtype` run the mmap threshold qlorakit does not pick for it
     (a user's MALLOC_MMAP_THRESHOLD_ is left alone by qlorakit)."""
-    from qlorakit.train.allocator import REUSE_THRESHOLD_BYTES, RETURN_THRESHOLD_BYTES, mmap_threshold_for
+    from qlorakit.allocator import REUSE_THRESHOLD_BYTES, RETURN_THRESHOLD_BYTES, mmap_threshold_for
 
     other = RETURN_THRESHOLD_BYTES if mmap_threshold_for(dtype) == REUSE_THRESHOLD_BYTES else REUSE_THRESHOLD_BYTES
     return {"MALLOC_MMAP_THRESHOLD_": str(other)}

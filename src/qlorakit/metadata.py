@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from qlorakit.files.atomic import write_json_atomic
 
 FILENAME = "quantization.json"
 _BACKENDS = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int4": "torch", "gguf": "gguf", "none": "torch"}
@@ -75,20 +76,6 @@ def merged_spec(spec: dict, dtype: str, merge_base: str, lm_head_dtype: str) -> 
     out = dict(spec, weight_bits=16, backend="torch", group_size=None, extras=extras)
     out["tag"] = make_tag(extras["model_name"], extras["dataset"], extras["lora_r"], spec["method"], 16, lm_head_dtype)
     return out
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write JSON under a temporary name in the same directory, then rename."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_spec(directory: str | os.PathLike, spec: dict) -> None:

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from qlorakit.adapters.inject import add_adapters, adapter_layers
-from qlorakit.export.gguf import GGUFExportError, export_dense_to_gguf, gguf_tensor_names, write_merged_gguf
+from qlorakit.export.gguf import export_dense_to_gguf
+from qlorakit.models.gguf_write import GGUFExportError, gguf_tensor_names, write_merged_gguf
 from qlorakit.merge.zero_point import fold_qalora_into_base, merged_qalora_model
 from qlorakit.models.gguf_io import permute_qk_rows
 from qlorakit.models.load import load_config

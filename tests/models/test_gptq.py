@@ -137,7 +137,7 @@ def test_unsupported_gptq_is_refused_naming_the_key(tmp_path, tiny, smollm2_toke
 
 def test_qalora_trains_and_merges_exactly_on_gptq(tmp_path, tiny, smollm2_tokenizer):
     from qlorakit.config import config_from_dict
-    from qlorakit.export.quantized import load_quantized_dir
+    from qlorakit.models.quantized_dir import load_quantized_dir
     from qlorakit.merge.run import merge_run
     from qlorakit.train.loop import train
 

@@ -21,7 +21,7 @@ factors s and 1/(1 − p) are applied to the small (..., r) and (r, in) tensors,
 
 `add_adapter_update_` adds y into the base layer's output in place (one addmm) instead of
 allocating y and then base + y: two fewer fresh (tokens, out) tensors per adapter, which on CPU
-is two rounds of page faults each (see train/allocator.py).
+is two rounds of page faults each (see qlorakit/allocator.py).
 
 bf16 compute: when x and the base output are bf16 (plain LoRA), the six large matmuls (x Aᵀ,
 the addmm of h Bᵀ, g_y B, g_yᵀ h, g_hᵀ x̃ and g_h A) run in bf16 with fp32 accumulation, the

@@ -1,12 +1,7 @@
 """Write GGUF files llama.cpp runs: a QA-LoRA fold into a GGUF base, or a merged 16-bit model.
 
-`write_merged_gguf` rewrites the source GGUF with gguf-py's GGUFWriter: every key-value field is
-copied with its type (arrays with their element type; strings as raw bytes), except
-`general.architecture` and the virtual `GGUF.*` header fields, which the writer adds itself; every
-tensor is copied in the reader's order with its own type (quantized tensors as uint8 blocks with
-`raw_dtype`). Only the folded tensors change: their rows go back to GGUF order (llama.cpp's rotary
-permutation of attn_q/attn_k, `permute_qk_rows`) and a q4_0/q5_0 tensor becomes q4_1/q5_1. An
-unmodified rewrite is byte-identical to the source; a fold of q4_1/q5_1 tensors has the same size.
+`qlorakit.models.gguf_write.write_merged_gguf` rewrites the source GGUF with a QA-LoRA fold
+(merge/run.py calls it); the writer it shares with this module lives there too.
 
 `export_dense_to_gguf` writes a merged 16-bit Hugging Face directory (llama architecture) as GGUF
 f16, q8_0 or q4_1, quantized with qlorakit's own formats (byte-equal to gguf-py's). Its metadata
@@ -20,8 +15,6 @@ Files are written under a temporary name in the target directory and renamed at 
 from __future__ import annotations
 
 import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,165 +23,12 @@ import torch
 
 from qlorakit.files.lock import check_not_in_use
 from qlorakit.models import gguf_io
-from qlorakit.quant.base import QuantizedWeight
+from qlorakit.models.gguf_write import GGUFExportError, PlannedTensor, copied_tensor, gguf_tensor_names, write_gguf
 
 DENSE_TYPES = ("f16", "q8_0", "q4_1")
 EXPORT_ARCHITECTURES = ("llama",)  # where transformers' GGUF mapping is names + the q/k permutation only
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")  # kept q8_0 in a q4_1 export
 TIED_EMBEDDING = "model.embed_tokens.weight"  # llama's input embedding, the output head when tied
-
-
-class GGUFExportError(ValueError):
-    """The GGUF cannot be written as asked (unknown tensor, unsupported architecture or format)."""
-
-
-@dataclass
-class _PlannedTensor:
-    """One tensor of the output: its numpy shape/dtype as the writer sees it, and how to produce it."""
-
-    name: str
-    shape: tuple[int, ...]  # numpy shape of the data; quantized: uint8 (out, bytes per row)
-    dtype: np.dtype
-    nbytes: int
-    ggml_type: object  # gguf.GGMLQuantizationType
-    load: Callable[[], np.ndarray]
-
-
-def _field_value(field):
-    """(value, type, sub_type) of a reader field, strings as raw bytes so nothing is re-encoded."""
-    from gguf import GGUFValueType
-
-    main = field.types[0]
-    if main == GGUFValueType.ARRAY:
-        sub = field.types[-1]
-        if len(field.types) != 2:
-            raise GGUFExportError(f"{field.name}: nested GGUF arrays are not supported")
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]) for i in field.data], main, sub
-        return field.contents(), main, sub
-    if main == GGUFValueType.STRING:
-        return bytes(field.parts[-1]), main, None
-    return field.contents(), main, None
-
-
-def _write(reader, out_path: Path, tensors: list[_PlannedTensor], overrides: dict | None = None) -> Path:
-    """Copy `reader`'s fields (with `overrides`: key -> (value, GGUFValueType)), then write `tensors`."""
-    from gguf import GGUFEndian, GGUFWriter
-
-    if reader.endianess != GGUFEndian.LITTLE:
-        raise GGUFExportError("big-endian GGUF files are not supported")
-    overrides = dict(overrides or {})
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.tmp-")
-    os.close(handle)
-    writer = GGUFWriter(tmp, gguf_io.architecture(reader))
-    try:
-        writer.data_alignment = reader.alignment
-        for field in reader.fields.values():
-            if field.name == "general.architecture" or field.name.startswith("GGUF."):
-                continue  # written by GGUFWriter itself
-            value, vtype, sub_type = _field_value(field)
-            if field.name in overrides:
-                value, vtype = overrides.pop(field.name)
-            writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
-        for key, (value, vtype) in overrides.items():
-            writer.add_key_value(key, value, vtype)
-        for t in tensors:
-            writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, raw_dtype=t.ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tensors:  # one tensor in memory at a time
-            data = t.load()
-            if data.shape != t.shape or data.dtype != t.dtype:
-                raise GGUFExportError(f"{t.name}: produced {data.dtype} {data.shape}, planned {t.dtype} {t.shape}")
-            writer.write_tensor_data(data)
-        writer.close()
-        os.chmod(tmp, _file_mode())  # mkstemp creates 0o600; give the file open()'s usual mode
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
-
-
-def _file_mode() -> int:
-    """0o666 minus the process umask: the mode open() would have given a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _copied(tensor) -> _PlannedTensor:
-    """A reader tensor written as it is: its bytes copied out of the read-only memory map."""
-    data = tensor.data
-    return _PlannedTensor(
-        tensor.name, tuple(data.shape), data.dtype, data.nbytes, tensor.tensor_type, lambda: np.array(data, copy=True)
-    )
-
-
-def _from_quantized(name: str, q: QuantizedWeight, heads: int | None) -> _PlannedTensor:
-    """A block-format weight in transformers row order, written in GGUF row order."""
-    from qlorakit.quant.gguf_types import ggml_type_for_format
-
-    ggml_type = ggml_type_for_format(q.format)
-    blocks = q.tensors["blocks"]  # (out, nblocks * bytes)
-
-    def load() -> np.ndarray:
-        rows = blocks.detach().cpu()  # (out, nblocks * bytes)
-        if heads is not None:
-            rows = gguf_io.permute_qk_rows(rows, heads)  # (out, nblocks * bytes), GGUF row order
-        return rows.contiguous().numpy()
-
-    return _PlannedTensor(name, tuple(blocks.shape), np.dtype(np.uint8), blocks.numel(), ggml_type, load)
-
-
-def gguf_tensor_names(config) -> dict[str, str]:
-    """GGUF tensor name -> transformers parameter name for `config`'s architecture (meta skeleton)."""
-    from qlorakit.models.load import build_skeleton
-
-    return gguf_io.gguf_to_hf_names(build_skeleton(config, torch.float32, device="meta"))
-
-
-def write_merged_gguf(
-    source_gguf: str | os.PathLike, new_weights: dict[str, QuantizedWeight], config, out_path: str | os.PathLike
-) -> Path:
-    """Rewrite `source_gguf` to `out_path` with the weights of `new_weights` replaced (module docstring).
-
-    Args:
-        source_gguf: the GGUF the model was loaded from.
-        new_weights: transformers module name ("model.layers.0.self_attn.q_proj") -> block-format
-            weight in transformers row order, e.g. from `merge.zero_point.fold_qalora_into_base`.
-        config: the model's transformers config (architecture, head counts for the q/k permutation).
-        out_path: the file to write (may be `source_gguf` itself: it is replaced only at the end).
-
-    Returns:
-        out_path.
-
-    Raises:
-        GGUFExportError: a name in new_weights is not a tensor of the file, or its shape differs.
-        QuantizationError: a weight is not in a GGUF block format (int4, nf4 have no GGUF type).
-    """
-    reader = gguf_io.open_reader(source_gguf)
-    names = gguf_tensor_names(config)
-    pending = dict(new_weights)
-    planned = []
-    for tensor in reader.tensors:
-        hf_name = names.get(tensor.name, "")
-        module_name = hf_name.removesuffix(".weight")
-        q = pending.pop(module_name, None) if hf_name.endswith(".weight") else None
-        if q is None:
-            planned.append(_copied(tensor))
-            continue
-        in_features, out_features = (int(n) for n in tensor.shape)  # gguf lists ne0 (in) first
-        if (out_features, in_features) != tuple(q.shape):
-            raise GGUFExportError(f"{module_name}: new weight is {tuple(q.shape)}, {tensor.name} is {(out_features, in_features)}")
-        planned.append(_from_quantized(tensor.name, q, gguf_io.qk_heads(hf_name, config)))
-    if pending:
-        raise GGUFExportError(f"{source_gguf}: no tensor for {', '.join(sorted(pending)[:3])}; keys must be transformers module names")
-    return _write(reader, Path(out_path), planned)
 
 
 def _source_gguf_of(hf_model_dir: Path) -> Path:
@@ -206,7 +46,7 @@ def _source_gguf_of(hf_model_dir: Path) -> Path:
     return Path(source)
 
 
-def _dense_tensor(name: str, load: Callable[[], torch.Tensor], shape: tuple[int, ...], type: str, heads: int | None) -> _PlannedTensor:
+def _dense_tensor(name: str, load: Callable[[], torch.Tensor], shape: tuple[int, ...], type: str, heads: int | None) -> PlannedTensor:
     """Plan one dense HF tensor as GGUF: 1-D and odd widths stay float (F32 / F16), 2-D get `type`."""
     from gguf import GGMLQuantizationType as T
 
@@ -217,17 +57,17 @@ def _dense_tensor(name: str, load: Callable[[], torch.Tensor], shape: tuple[int,
         return gguf_io.permute_qk_rows(w, heads) if heads is not None else w  # (out, in), GGUF row order
 
     if len(shape) == 1:
-        return _PlannedTensor(name, shape, np.dtype(np.float32), 4 * shape[0], T.F32, lambda: weight().numpy())
+        return PlannedTensor(name, shape, np.dtype(np.float32), 4 * shape[0], T.F32, lambda: weight().numpy())
     fmt = "q8_0" if type == "q4_1" and name in EMBEDDING_TENSORS else type
     out_features, in_features = shape
     if fmt == "f16" or in_features % 32:
-        return _PlannedTensor(
+        return PlannedTensor(
             name, shape, np.dtype(np.float16), 2 * out_features * in_features, T.F16,
             lambda: weight().to(torch.float16).numpy(),
         )
     quant = get_format(fmt)
     row_bytes = in_features // 32 * quant.layout.bytes_per_block
-    return _PlannedTensor(
+    return PlannedTensor(
         name, (out_features, row_bytes), np.dtype(np.uint8), out_features * row_bytes, T[quant.ggml_type],
         lambda: quant.quantize(weight()).tensors["blocks"].numpy(),  # (out, row_bytes)
     )
@@ -299,7 +139,7 @@ def export_dense_to_gguf(
     for tensor in reader.tensors:
         hf_name = names.get(tensor.name)
         if hf_name is None:
-            planned.append(_copied(tensor))  # e.g. rope_freqs: not a transformers parameter
+            planned.append(copied_tensor(tensor))  # e.g. rope_freqs: not a transformers parameter
             continue
         key = TIED_EMBEDDING if hf_name == "lm_head.weight" and tied and hf_name not in files else hf_name
         if key not in files:
@@ -311,7 +151,7 @@ def export_dense_to_gguf(
     if extra:
         raise GGUFExportError(f"{hf_model_dir}: tensors with no place in {source.name}: {', '.join(extra[:3])}")
     file_type = {"f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_1": LlamaFileType.MOSTLY_Q4_1}[type]
-    return _write(reader, Path(out_path), planned, {"general.file_type": (int(file_type), GGUFValueType.UINT32)})
+    return write_gguf(reader, Path(out_path), planned, {"general.file_type": (int(file_type), GGUFValueType.UINT32)})
 
 
 def check_out_free(out: str | os.PathLike, overwrite: bool) -> None:
@@ -325,7 +165,7 @@ def check_out_free(out: str | os.PathLike, overwrite: bool) -> None:
 
 def _check_model_dir(path: Path) -> None:
     """A merged 16-bit directory, or an error saying what `path` is and what to pass instead."""
-    from qlorakit.export.quantized import is_quantized_dir
+    from qlorakit.models.quantized_dir import is_quantized_dir
 
     check_not_in_use(path, path.parent)  # a run still being written, or RUN/merged while RUN is
     merge_first = "export takes a merged 16-bit directory (qlorakit merge RUN --out DIR)"

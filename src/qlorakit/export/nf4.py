@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from qlorakit import metadata
+from qlorakit.files.atomic import staged_directory
 from qlorakit.files.lock import check_not_in_use
 
 GROUP_SIZE = 64  # bitsandbytes' default blocksize for 4-bit
@@ -120,21 +120,13 @@ def export_nf4(model_dir: str | os.PathLike, out_dir: str | os.PathLike, compute
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype,
     )
     raw_config["quantization_config"] = bnb.to_dict()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_directory(out) as staging:
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
         for path in sorted(model_dir.iterdir()):  # tokenizer, chat template, generation config
             if path.is_file() and path.suffix != ".safetensors" and path.name not in SKIP_FILES:
                 shutil.copy2(path, staging / path.name)
         metadata.write_spec(staging, nf4_spec(metadata.read_spec(model_dir), compute_dtype, model_dir))
-        from qlorakit.merge.write import _move_into_place
-
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

@@ -22,26 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from qlorakit.adapters.lora import LoraLinear
+from qlorakit.models.skeleton import clean_config
 from qlorakit.quant.linear import QuantLinear, dense_weight_of
 from qlorakit.quant.replace import output_head_names
 
-# Config attributes that describe how a source was stored, not the architecture; a plain
-# Hugging Face directory must not carry them (quantization_config makes transformers look for a
-# quantizer; the GGUF loader leaves `_model_name_or_path` behind).
-SOURCE_ONLY_CONFIG_ATTRIBUTES = ("quantization_config", "_pre_quantization_dtype", "_model_name_or_path", "gguf_file")
-
-
 class MergeError(ValueError):
     """The model cannot be merged as asked (missing original weights, disabled adapter, ...)."""
-
-
-def clean_config(config):
-    """A deep copy of `config` without quantization or GGUF-source attributes."""
-    config = copy.deepcopy(config)
-    for name in SOURCE_ONLY_CONFIG_ATTRIBUTES:
-        if name in config.__dict__:
-            delattr(config, name)
-    return config
 
 
 def base_weight(module: nn.Module, original_weight: Tensor | None = None) -> tuple[Tensor, Tensor | None, str]:

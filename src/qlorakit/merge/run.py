@@ -15,7 +15,7 @@ QA-LoRA runs whose base has per-group mins merge exactly instead (merge/zero_poi
     quant.method gguf, --out FILE.gguf  the source GGUF rewritten with the folded tensors (same size,
                                         same format, export/gguf.py), with FILE.quantization.json and
                                         FILE.merge_report.json beside it (FILE = the name without .gguf)
-    quant.method int4, --out DIR        an int4 directory (export/quantized.py) that
+    quant.method int4, --out DIR        an int4 directory (models/quantized_dir.py) that
                                         `qlorakit.models.restore.load_any` loads back
 A `.gguf` --out for anything else (plain LoRA, a base that is not GGUF) is refused: merge to a
 16-bit directory, then `qlorakit export DIR --format gguf`.
@@ -354,10 +354,10 @@ def _check_exact_out(out: Path, fmt: str | None, overwrite: bool) -> None:
 def _write_exact(loaded, merged, layers: list[str], out: Path, fmt: str, files: dict[str, dict], overwrite: bool) -> Path:
     """GGUF: the source file rewritten with the folded tensors, JSON sidecars beside it; int4: a directory."""
     if fmt == "int4":
-        from qlorakit.export.quantized import save_quantized_dir
+        from qlorakit.models.quantized_dir import save_quantized_dir
 
         return save_quantized_dir(merged, loaded.tokenizer, out, extra_files=files, overwrite=overwrite)
-    from qlorakit.export.gguf import write_merged_gguf
+    from qlorakit.models.gguf_write import write_merged_gguf
 
     new_weights = {name: merged.get_submodule(name).qweight for name in layers}  # transformers row order
     write_merged_gguf(loaded.source.location, new_weights, merged.config, out)

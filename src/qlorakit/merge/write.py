@@ -20,18 +20,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qlorakit.merge.fold import clean_config
+from qlorakit.files.atomic import OutputWriteError, check_disk_space, check_output_dir, move_into_place, new_staging_dir
+from qlorakit.models.skeleton import clean_config
 
 
-class MergeWriteError(OSError):
-    """The merged model cannot be written (directory exists, not enough disk space)."""
+MergeWriteError = OutputWriteError  # the merged model cannot be written (directory exists, not enough disk space)
 
 
 def state_dict_bytes(model: nn.Module) -> int:
@@ -49,32 +48,6 @@ def main_dtype(model: nn.Module) -> torch.dtype:
         if parameter.is_floating_point():
             counts[parameter.dtype] += parameter.numel()
     return counts.most_common(1)[0][0]
-
-
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def check_disk_space(out_dir: Path, needed: int) -> None:
-    """Raise MergeWriteError if the file system of `out_dir` has less than `needed` bytes free."""
-    where = _existing_ancestor(out_dir.parent)
-    free = shutil.disk_usage(where).free
-    if free < needed:
-        raise MergeWriteError(
-            f"{out_dir}: not enough disk space: the merged model needs about {_format_bytes(needed)}, "
-            f"{where} has {_format_bytes(free)} free"
-        )
 
 
 def save_merged(
@@ -125,11 +98,10 @@ class StagedWrite:
         from concurrent.futures import ThreadPoolExecutor
 
         out = Path(out_dir)
-        _check_out(out, overwrite)
-        check_disk_space(out, int(state_dict_bytes(model) * 1.1))
-        out.parent.mkdir(parents=True, exist_ok=True)
+        check_output_dir(out, overwrite)
+        check_disk_space(out, int(state_dict_bytes(model) * 1.1), "the merged model")
         self.out, self.tokenizer = out, tokenizer
-        self.staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        self.staging = new_staging_dir(out)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlorakit-write")
         self._weights = pool.submit(_write_model, model, self.staging, max_shard_size)
         pool.shutdown(wait=False)  # the thread ends with the write
@@ -140,7 +112,7 @@ class StagedWrite:
                 if Path(name).name != name:
                     raise MergeWriteError(f"extra file {name!r}: give a plain file name, it is written inside {self.out}")
             _write_all(self._weights, self.tokenizer, self.staging, extra_files)
-            _move_into_place(self.staging, self.out)
+            move_into_place(self.staging, self.out)
         except BaseException:
             self.discard()
             raise
@@ -149,13 +121,6 @@ class StagedWrite:
     def discard(self) -> None:
         self._weights.exception()  # wait: the thread may still be writing into the directory
         shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MergeWriteError(f"{out}: exists and is a file; choose another output directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MergeWriteError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
 
 
 def _write_model(model: nn.Module, directory: Path, max_shard_size) -> None:
@@ -178,18 +143,3 @@ def _write_all(weights, tokenizer, directory: Path, extra_files: dict[str, dict]
     tokenizer.save_pretrained(directory)
     for name, content in extra_files.items():
         (directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished directory to `out`; an old `out` is removed only after that."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    if not any(out.iterdir()):
-        out.rmdir()
-        os.replace(staging, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old / out.name)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -132,7 +132,7 @@ def load_gptq_model(source, dtype: torch.dtype, progress: bool = False, dequanti
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    from qlorakit.models.load import _materialise, build_skeleton, load_config
+    from qlorakit.models.skeleton import build_skeleton, load_config, materialise
     from qlorakit.quant.int4 import Int4
     from qlorakit.quant.linear import QuantLinear
     from qlorakit.quant.replace import linear_layer_names, set_submodule
@@ -171,4 +171,4 @@ def load_gptq_model(source, dtype: torch.dtype, progress: bool = False, dequanti
     for key, tensor in raw.items():
         state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     expected = {name for name, _ in model.named_parameters()}
-    return _materialise(model, {k: v for k, v in state.items() if k in expected}, source)
+    return materialise(model, {k: v for k, v in state.items() if k in expected}, source)

@@ -20,8 +20,11 @@ from tqdm.auto import tqdm
 from qlorakit.dtypes import to_torch_dtype
 from qlorakit.models import gguf_io
 from qlorakit.quant.registry import format_for_config
-from qlorakit.quant.replace import linear_layer_names, output_head_names
-from qlorakit.models.sources import ModelSource, ModelSourceError, resolve_source
+from qlorakit.quant.replace import linear_layer_names
+from qlorakit.models.skeleton import as_source, build_skeleton, load_config, materialise, raise_if_remote_code
+from qlorakit.models.sources import ModelSource, ModelSourceError
+
+__all__ = ["LoadedModel", "build_skeleton", "load_config", "load_model", "load_tokenizer"]
 
 
 @dataclass
@@ -31,30 +34,12 @@ class LoadedModel:
     source: ModelSource
 
 
-def _as_source(source: str | ModelSource) -> ModelSource:
-    return source if isinstance(source, ModelSource) else resolve_source(source)
-
-
-def load_config(source: str | ModelSource, trust_remote_code: bool = False):
-    """The transformers config of a source, without reading any weights."""
-    from transformers import AutoConfig
-
-    source = _as_source(source)
-    if source.kind == "gguf":
-        return gguf_io.load_gguf_config(source.location)
-    try:
-        return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise ModelSourceError(f"{source.spec}: cannot load its config ({error})".splitlines()[0]) from error
-    except ValueError as error:
-        _raise_if_remote_code(error, source)
-        raise
 
 
 def load_tokenizer(source: str | ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    source = _as_source(source)
+    source = as_source(source)
     if source.kind == "gguf":
         return gguf_io.load_gguf_metadata(source.location)[1]
     if source.kind == "config_dir":
@@ -62,28 +47,12 @@ def load_tokenizer(source: str | ModelSource, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
     except ValueError as error:
-        _raise_if_remote_code(error, source)
+        raise_if_remote_code(error, source)
         raise
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
-
-def build_skeleton(config, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "meta", trust_remote_code: bool = False) -> nn.Module:
-    """A model of `config`'s architecture; on "meta" its parameters take no memory and are not
-    initialised, while buffers (rotary frequencies, ...) are real, computed by the model's code."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    if str(device) == "meta":
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    else:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model
 
 
 def load_model(
@@ -102,7 +71,7 @@ def load_model(
     quant: "none", "nf4", "fp4", "int4", or "gguf" (GGUF sources only: keep each tensor's own
     block format). Returns the model in eval mode with every base parameter frozen.
     """
-    source = _as_source(source)
+    source = as_source(source)
     torch_dtype = to_torch_dtype(dtype)
     if source.kind == "config_dir":
         raise ModelSourceError(f"{source.spec}: holds only config.json, no weights (enough for inspect, not for loading)")
@@ -202,7 +171,7 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelSourceError(f"{source.spec}: cannot load model ({first_line})") from error
     except ValueError as error:
-        _raise_if_remote_code(error, source)
+        raise_if_remote_code(error, source)
         raise
 
 
@@ -234,16 +203,8 @@ def _load_pickle_weights(source: ModelSource, dtype: torch.dtype, trust_remote_c
         if not isinstance(part, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in part.items()):
             raise ModelSourceError(f"{path}: not a state dict of named tensors")
         state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()})
-    return _materialise(model, state, source)
+    return materialise(model, state, source)
 
-
-def _raise_if_remote_code(error: ValueError, source: ModelSource) -> None:
-    """transformers' refusal to run a repository's own code, as one line that says why."""
-    if "trust_remote_code" in str(error) or "custom code" in str(error):
-        raise ModelSourceError(
-            f"{source.spec}: the model needs its own Python code (auto_map in config.json), which qlorakit does not "
-            "run: trust_remote_code is off; use a model whose architecture transformers ships"
-        ) from error
 
 
 def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blocks: bool,
@@ -291,21 +252,4 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
     for module_name, qweight in kept.items():
         bias = state.pop(f"{module_name}.bias", None)
         set_submodule(model, module_name, QuantLinear(qweight, format_class(qweight.format)(), bias, dtype))
-    return _materialise(model, state, source, left_on_meta={f"{name}.weight" for name in skip})
-
-
-def _materialise(model: nn.Module, state: dict[str, torch.Tensor], source: ModelSource,
-                 left_on_meta: set[str] = frozenset()) -> nn.Module:
-    """Put `state` into a model whose parameters are on the meta device, keeping tied weights tied;
-    the parameters named in `left_on_meta` stay there, for the caller to replace."""
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    expected = {name for name, _ in model.named_parameters()}
-    missing = expected - set(state) - left_on_meta
-    if tied:
-        missing -= {f"{name}.weight" for name in output_head_names(model)}
-    if missing:
-        raise ModelSourceError(f"{source.spec}: tensors missing from the file: {', '.join(sorted(missing)[:5])}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.tie_weights()
-    return model
+    return materialise(model, state, source, left_on_meta={f"{name}.weight" for name in skip})

@@ -2,7 +2,7 @@
 
     run directory      config.yaml + quantization.json + adapter/  -> quantized base + adapter
     merged directory   HF model + quantization.json                -> plain 16-bit model
-    int4 merge         model-int4.safetensors + quantization.json  -> QuantLinear model (export/quantized.py)
+    int4 merge         model-int4.safetensors + quantization.json  -> QuantLinear model (models/quantized_dir.py)
     .gguf / smollm2    the GGUF's own block formats kept (quant "gguf"), the forward dequantizes per layer
     anything else      a model source (HF dir, hub id), unquantized
 
@@ -87,7 +87,7 @@ def load_any(path: str, device: str | torch.device = "cpu", progress: bool = Tru
     check_loadable(path)
     if is_run_dir(path):
         return load_run(path, device, progress)[0]
-    from qlorakit.export.quantized import is_quantized_dir, load_quantized_dir
+    from qlorakit.models.quantized_dir import is_quantized_dir, load_quantized_dir
     from qlorakit.models.load import load_tokenizer
     from qlorakit.models.sources import resolve_source
 

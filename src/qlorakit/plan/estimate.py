@@ -28,7 +28,7 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
                  the largest weight in e; plus two (N, max(h, i)) gradient buffers
     overhead     CPU: the process baseline (python + torch + transformers + tokenizer: `rss_base`, which
                  `qlorakit plan` measures on the user's machine, plan/baseline.py) and glibc
-                 allocator slack, calibrated, by the mmap threshold of the run (train/allocator.py):
+                 allocator slack, calibrated, by the mmap threshold of the run (qlorakit/allocator.py):
                  32 MiB (bf16): heap fragmentation, HEAP_FRAGMENTATION_OF_ACTIVATIONS · activations
                  + HEAP_FRAGMENTATION_OF_LOSS · loss, and with checkpointing
                  HEAP_FRAGMENTATION_CHECKPOINTING_BF16 · (activations without checkpointing)
@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 
 from qlorakit.config import Config
 from qlorakit.plan.shapes import ModelShapes
-from qlorakit.train.allocator import REUSE_THRESHOLD_BYTES, mmap_threshold_for
+from qlorakit.allocator import REUSE_THRESHOLD_BYTES, mmap_threshold_for
 
 MIB = 2**20
 GIB = 2**30
@@ -68,7 +68,7 @@ RETAINED_FRACTION = 0.5
 # With activation checkpointing the step frees few small activation tensors, and the retained heap
 # stays far smaller (RSS probes between steps; calibrated on the same runs).
 RETAINED_FRACTION_CHECKPOINTING = 0.125
-# bf16 without checkpointing trains on glibc's heap (train/allocator.py): the freed dense model is
+# bf16 without checkpointing trains on glibc's heap (qlorakit/allocator.py): the freed dense model is
 # reused, but the heap fragments over the first steps, so that at the peak it holds free space of
 # about this fraction of the activations plus this multiple of the loss's blocks (its bf16 logits
 # blocks live in the heap too). Fitted on a first pass of the four bf16 runs of
@@ -179,7 +179,7 @@ def transient_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, device: s
 def allocator_slack_bytes(dtype: str, checkpointing: bool, dense_model: int, activations: int, loss: int,
                           activations_without_checkpointing: int) -> int:
     """Resident memory glibc's allocator holds beyond the live tensors at the peak, by the mmap
-    threshold the run trains with (train/allocator.py; constants above, calibrated)."""
+    threshold the run trains with (qlorakit/allocator.py; constants above, calibrated)."""
     if mmap_threshold_for(dtype, checkpointing) == REUSE_THRESHOLD_BYTES:
         if checkpointing:
             return int(HEAP_FRAGMENTATION_CHECKPOINTING_BF16 * activations_without_checkpointing + HEAP_FRAGMENTATION_OF_LOSS * loss)

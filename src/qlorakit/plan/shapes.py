@@ -126,6 +126,6 @@ def model_shapes(cfg: Config) -> ModelShapes:
 
 
 def _plain_head_models() -> set[str]:
-    from qlorakit.train.loss import PLAIN_HEAD_MODELS
+    from qlorakit.models.architectures import PLAIN_HEAD_MODELS
 
     return PLAIN_HEAD_MODELS

@@ -13,7 +13,7 @@
     stacked_gqa_attention   grouped-query heads stacked along the query axis  sdpa models on the CPU
                             for torch's flash kernel (kernels/attention.py)
     allocator               glibc's mmap / trim thresholds fixed for the run  Linux with glibc
-                            (train/allocator.py)
+                            (qlorakit/allocator.py)
 
 `process_fast_paths` applies the process-wide one before the model loads, `model_fast_paths` the
 others once the adapters are in; `train()` leaves both before it returns. Every path computes
@@ -23,7 +23,7 @@ steps with all on and all off and compares losses and adapter gradients). Module
 the trained ones: swaps move parameters, never copy them), the attention implementation is the
 one the model had, the registration with transformers' attention interface is removed, the
 step caches are emptied and the scratch buffers released, and glibc's thresholds are back at
-their initial values (train/allocator.py says what glibc cannot undo).
+their initial values (qlorakit/allocator.py says what glibc cannot undo).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from qlorakit.config import FAST_PATHS
 from qlorakit.kernels.attention import clear_mask_cache, use_stacked_gqa_attention
 from qlorakit.kernels.patch import restore_modules, use_fused_kernels
 from qlorakit.quant.linear import release_scratch_buffers
-from qlorakit.train.allocator import fix_mmap_threshold, mmap_threshold_for, restore_malloc_defaults
+from qlorakit.allocator import fix_mmap_threshold, mmap_threshold_for, restore_malloc_defaults
 
 
 def resolve_fast_paths(value: str | tuple[str, ...]) -> tuple[str, ...]:

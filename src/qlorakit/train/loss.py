@@ -26,13 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from qlorakit.models.architectures import PLAIN_HEAD_MODELS
 from qlorakit.quant.linear import scratch_buffer
 
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 256  # a (256, V) block: at V = 49,152 and fp32, 48 MiB; matmuls of 256 rows still run at full speed
-# Models whose ForCausalLM forward is `logits = lm_head(base_model(...).last_hidden_state)`.
-PLAIN_HEAD_MODELS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                     "Phi3ForCausalLM", "GPT2LMHeadModel"}
 
 
 def _chunk_loss(hidden: Tensor, weight: Tensor, target: Tensor, scale: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -46,7 +44,7 @@ def _chunk_loss(hidden: Tensor, weight: Tensor, target: Tensor, scale: Tensor, n
 
     The block and its head-dtype twin live in this thread's reusable buffers (`scratch_buffer`):
     a fresh (256, V) fp32 block is 48 MiB, above the 32 MiB mmap threshold of a bf16 run
-    (train/allocator.py), and was faulted in page by page for every chunk: 254-308 against
+    (qlorakit/allocator.py), and was faulted in page by page for every chunk: 254-308 against
     205-209 ms for the loss of a SmolLM2 4 x 256 batch, forward and backward.
     """
     shape = (hidden.shape[0], weight.shape[0])  # (c, V)

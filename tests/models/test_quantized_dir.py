@@ -1,4 +1,4 @@
-"""The int4 directory of an exact QA-LoRA merge (export/quantized.py): written and read back
+"""The int4 directory of an exact QA-LoRA merge (models/quantized_dir.py): written and read back
 bit for bit, for untied and tied heads and GPT-2's Conv1D layers, on tiny models."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlorakit.export.quantized import QuantizedDirError, load_quantized_dir, save_quantized_dir
+from qlorakit.models.quantized_dir import QuantizedDirError, load_quantized_dir, save_quantized_dir
 from qlorakit.merge.zero_point import merged_qalora_model
 from qlorakit.quant.linear import QuantLinear
 from tests.merge.conftest import CONFIGS, adapter_model, logits, random_ids, tiny_tokenizer  # noqa: F401 (fixtures)

@@ -19,14 +19,14 @@ The directory is written into a hidden sibling and renamed into place at the end
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from qlorakit import metadata
+from qlorakit.files.atomic import check_disk_space, check_output_dir, staged_directory, write_json_atomic
+from qlorakit.models.skeleton import build_skeleton, clean_config
 
 WEIGHTS_FILE = "model-int4.safetensors"
 PREFIX = "qweight_"  # QuantLinear registers tensor `t` of its QuantizedWeight as buffer `qweight_<t>`
@@ -59,35 +59,23 @@ def save_quantized_dir(
     """Write a model with QuantLinear layers (e.g. `merge.zero_point.merged_qalora_model`) as above.
 
     Raises:
-        MergeWriteError: `out_dir` is a file, exists and is not empty (without overwrite), or its
+        OutputWriteError: `out_dir` is a file, exists and is not empty (without overwrite), or its
             file system has too little free space.
     """
     from safetensors.torch import save_file
 
-    from qlorakit.merge.fold import clean_config
-    from qlorakit.merge.write import MergeWriteError, _move_into_place, check_disk_space
-
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MergeWriteError(f"{out}: exists and is a file; choose another output directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MergeWriteError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+    check_output_dir(out, overwrite)
     state = unique_state(model)
-    check_disk_space(out, int(sum(t.numel() * t.element_size() for t in state.values()) * 1.1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    check_disk_space(out, int(sum(t.numel() * t.element_size() for t in state.values()) * 1.1), "the model")
+    with staged_directory(out) as staging:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         clean_config(model.config).save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         for name, content in (extra_files or {}).items():
-            metadata.write_json_atomic(staging / name, content)
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            write_json_atomic(staging / name, content)
     return out
 
 
@@ -105,7 +93,6 @@ def load_quantized_dir(path: str | os.PathLike, device: str | torch.device = "cp
     from transformers import AutoConfig
 
     from qlorakit.dtypes import to_torch_dtype
-    from qlorakit.models.load import build_skeleton
     from qlorakit.quant.registry import get_format
 
     path = Path(path)
