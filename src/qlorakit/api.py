@@ -64,11 +64,11 @@ class QModel:
 
     def ask(self, question: str, max_new_tokens: int = 64) -> str:
         """Greedy answer to one user turn through the chat template."""
-        from qlorakit.demo import greedy_answer
+        from qlorakit.generation import greedy_reply, user_turn
         from qlorakit.quant.linear import cached_dense_weights
 
         with cached_dense_weights(self.model):
-            return greedy_answer(self.model, self.tokenizer, question, max_new_tokens)
+            return greedy_reply(self.model, self.tokenizer, user_turn(question), max_new_tokens)
 
 
 def from_pretrained(name: str = "smollm2", quant: str = "nf4", dtype: str = "bf16", group_size: int | None = None,

@@ -20,25 +20,12 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from qlorakit.dtypes import preferred_dtype
+from qlorakit.generation import greedy_reply, user_turn
 from qlorakit.models.load import LoadedModel
 
 DEFAULT_QUESTION = "What day was I born?"
 DEFAULT_ANSWER = "January 1, 2058"
-
-
-def greedy_answer(model, tokenizer, question: str, max_new_tokens: int = 20) -> str:
-    """Greedy continuation of a user turn through the chat template (assistant turn opened)."""
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def _set_adapters_disabled(model, disabled: bool) -> None:
@@ -55,16 +42,14 @@ def _first_example(data: str) -> tuple[str, str]:
     """(question, answer) of the first row of a JSONL file (chat, Alpaca or prompt/completion)."""
     from qlorakit.data.formats import resolve_format, validate_rows
     from qlorakit.data.read import read_rows
+    from qlorakit.data.templates import last_user_text, prompt_and_answer
 
     table = read_rows(data)
     row = validate_rows(table, resolve_format(table, "auto"))[0]
-    if "messages" in row:
-        users = [m["content"] for m in row["messages"] if m["role"] == "user"]
-        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
-        return users[0], answers[-1]
-    if "instruction" in row:
-        return "\n\n".join(p for p in (row["instruction"], row.get("input") or "") if p), row["output"]
-    return row["prompt"], row["completion"]
+    pair = prompt_and_answer(row)
+    if pair is None:
+        raise ValueError(f"{data}: the first row has no question and answer (a chat row must end with the assistant's turn)")
+    return last_user_text(pair[0]), pair[1]
 
 
 def _demo_config(model: str, data: Path, out_dir: Path, steps: int, dtype: str):
@@ -105,25 +90,29 @@ def run_demo(question: str = DEFAULT_QUESTION, answer: str = DEFAULT_ANSWER, dat
 
     result = train(cfg, overwrite=True, progress=progress, keep_dense_weights=True)  # 135M at batch 1: memory is no concern
     trained_model, tokenizer = result.model, result.tokenizer
+
+    def ask(candidate) -> str:
+        return greedy_reply(candidate, tokenizer, user_turn(question), max_new_tokens=20)
+
     stages = []
     with cached_dense_weights(trained_model):
         t = time.perf_counter()
         _set_adapters_disabled(trained_model, True)
-        stages.append(_stage("base", greedy_answer(trained_model, tokenizer, question), answer, time.perf_counter() - t))
+        stages.append(_stage("base", ask(trained_model), answer, time.perf_counter() - t))
         _set_adapters_disabled(trained_model, False)
         t = time.perf_counter()
-        stages.append(_stage("trained", greedy_answer(trained_model, tokenizer, question), answer, time.perf_counter() - t))
+        stages.append(_stage("trained", ask(trained_model), answer, time.perf_counter() - t))
     stages[1]["train_seconds"] = round(result.seconds, 2)
 
     loaded = LoadedModel(trained_model, tokenizer, resolve_source(model))
     merge = merge_loaded(loaded, cfg, run_dir / "merged", dtype=cfg.merge.dtype, requantize="nf4", force=True, overwrite=True)
     t = time.perf_counter()
     plain = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=merge.merged_model.dtype).eval()
-    stages.append(_stage("merged", greedy_answer(plain, tokenizer, question), answer, time.perf_counter() - t))
+    stages.append(_stage("merged", ask(plain), answer, time.perf_counter() - t))
     t = time.perf_counter()
     requantized = merge.requantized_model  # what peft's merge_and_unload would have kept, built by the merge
     with cached_dense_weights(requantized):
-        stages.append(_stage("requantized", greedy_answer(requantized, tokenizer, question), answer, time.perf_counter() - t))
+        stages.append(_stage("requantized", ask(requantized), answer, time.perf_counter() - t))
     fidelity = {k: v for k, v in merge.fidelity.to_dict().items() if k != "rows"}
     fidelity["update_kept"], fidelity["update_noise"] = merge.survival["kept"], merge.survival["noise"]
     rq = merge.requantized_fidelity.to_dict()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qlorakit.eval.commands import run_chat
-from qlorakit.eval.runner import generate_reply
+from qlorakit.generation import greedy_reply
 
 
 def _args(model, **values):
@@ -21,9 +21,9 @@ def run_replies(run_dir):
     from qlorakit.models.restore import load_run
 
     loaded, _ = load_run(run_dir, progress=False)
-    with_adapter = generate_reply(loaded.model, loaded.tokenizer, [{"role": "user", "content": "Hello there"}], 5)
+    with_adapter = greedy_reply(loaded.model, loaded.tokenizer, [{"role": "user", "content": "Hello there"}], 5)
     with AdapterSet(loaded.model).disabled():
-        base = generate_reply(loaded.model, loaded.tokenizer, [{"role": "user", "content": "Hello there"}], 5)
+        base = greedy_reply(loaded.model, loaded.tokenizer, [{"role": "user", "content": "Hello there"}], 5)
     return with_adapter, base
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qlorakit.eval.metrics import QA_FUNCTIONS
-from qlorakit.eval.runner import evaluate, format_results, generate_reply, load_eval_data
+from qlorakit.eval.runner import evaluate, format_results, load_eval_data
+from qlorakit.generation import greedy_reply
 from tests.eval.conftest import write_jsonl
 
 
@@ -56,7 +57,7 @@ def test_eval_two_models_in_order(tiny_model_dir, run_dir, qa_file, tmp_path, ca
         count = int((labels[0, 1:] != -100).sum())
         nll, n = nll + float(loss) * count, n + count
     assert base["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-3)
-    replies = [generate_reply(loaded.model, loaded.tokenizer, messages, 6) for messages, _ in data.items]
+    replies = [greedy_reply(loaded.model, loaded.tokenizer, messages, 6) for messages, _ in data.items]
     for metric in ("exact", "contains", "f1"):
         expected = sum(QA_FUNCTIONS[metric](r, a) for r, (_, a) in zip(replies, data.items)) / len(replies)
         assert base[metric] == pytest.approx(expected)

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
+from qlorakit.generation import chat_prompt_ids, user_turn
 from qlorakit.merge.fidelity import (
     DEFAULT_PROBES,
     ProbeOutputs,
     UnfaithfulMergeError,
     check_faithful,
     check_probes,
-    encode_prompt,
     fidelity_report,
     run_probes,
     probe_set,
@@ -30,7 +30,7 @@ def test_identical_models_give_zero_difference(tiny_tokenizer):
     assert report.max_abs_logit_diff == 0.0 and report.mean_kl == 0.0
     assert report.greedy_token_agreement == 1.0 and report.generations_equal
     assert len(report.rows) == len(PROMPTS) and all(row.generation_equal for row in report.rows)
-    assert report.positions == sum(len(encode_prompt(tiny_tokenizer, p)) for p in PROMPTS)
+    assert report.positions == sum(len(chat_prompt_ids(tiny_tokenizer, user_turn(p))) for p in PROMPTS)
     check_faithful(report)  # no exception
     json.dumps(report.to_dict())  # merge_report.json material
     table = report.format_table()
@@ -97,8 +97,8 @@ def test_models_keep_their_training_mode(tiny_tokenizer):
 
 
 def test_prompts_go_through_the_chat_template(tiny_tokenizer):
-    templated = encode_prompt(tiny_tokenizer, "What day was I born?")
-    bare = encode_prompt(tiny_tokenizer, "What day was I born?", use_chat_template=False)
+    templated = chat_prompt_ids(tiny_tokenizer, user_turn("What day was I born?"))
+    bare = chat_prompt_ids(tiny_tokenizer, user_turn("What day was I born?"), use_chat_template=False)
     start, end = tiny_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert templated[0] == start and end in templated and templated[-1] == tiny_tokenizer.convert_tokens_to_ids("assistant")
     assert start not in bare and len(bare) < len(templated)

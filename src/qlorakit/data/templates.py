@@ -141,13 +141,40 @@ def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool, where: 
     return text
 
 
+def prompt_and_answer(row: dict) -> tuple[list[dict], str] | None:
+    """(the turns before the answer, the answer) of a normalised row, the one reading of a row as a
+    question and its answer that training, evaluation, merge probes and the demo share:
+
+        chat                 (every turn before the last, the last turn's content) when the last turn is
+                             the assistant's; else None
+        alpaca               ([user: instruction + "\n\n" + input (when there is one)], output)
+        prompt-completion    ([user: prompt], completion)
+        text                 None
+    """
+    if "messages" in row:
+        turns = row["messages"]
+        if len(turns) < 2 or turns[-1]["role"] != "assistant":
+            return None
+        return list(turns[:-1]), turns[-1]["content"]
+    if "instruction" in row:
+        user = "\n\n".join(part for part in (row["instruction"], row.get("input") or "") if part)
+        return [{"role": "user", "content": user}], row["output"]
+    if "prompt" in row:
+        return [{"role": "user", "content": row["prompt"]}], row["completion"]
+    return None
+
+
+def last_user_text(messages: list[dict]) -> str:
+    """The content of the last user turn (the question a prompt asks); "" when there is none."""
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
 def _to_messages(row: dict, format: str) -> list[dict]:
     if format == "chat":
         return row["messages"]
-    if format == "alpaca":
-        user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    prompt, answer = prompt_and_answer(row)
+    return [*prompt, {"role": "assistant", "content": answer}]
 
 
 def _default_bos(tokenizer) -> str:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from qlorakit.eval.runner import generate_reply
+from qlorakit.generation import greedy_reply
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -79,7 +79,7 @@ def chat(model, tokenizer, turns: Iterable[str], max_new_tokens: int = 256, stre
             if user is None:
                 break
             messages.append({"role": "user", "content": user})
-            reply = generate_reply(model, tokenizer, messages, max_new_tokens, streamer)
+            reply = greedy_reply(model, tokenizer, messages, max_new_tokens, streamer)
             messages.append({"role": "assistant", "content": reply})
             transcript.append({"user": user, "assistant": reply})
     return transcript

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlorakit.data.templates import prompt_and_answer
 from qlorakit.eval import metrics as M
+from qlorakit.generation import greedy_reply
 
 
 @dataclass
@@ -47,7 +49,7 @@ class EvalRows:
 
     @property
     def items(self) -> list[tuple[list[dict], str]]:
-        return [item for item in map(_qa_item, self.rows) if item is not None]
+        return [item for item in map(prompt_and_answer, self.rows) if item is not None]
 
 
 def read_eval_rows(path: str) -> EvalRows:
@@ -72,42 +74,6 @@ def load_eval_data(path: str | EvalRows, tokenizer, max_length: int | None = 102
     return EvalData(rows.source, examples, rows.items)
 
 
-def _qa_item(row: dict) -> tuple[list[dict], str] | None:
-    if "messages" in row:
-        turns = row["messages"]
-        if len(turns) < 2 or turns[-1]["role"] != "assistant":
-            return None
-        return turns[:-1], turns[-1]["content"]
-    if "instruction" in row:
-        user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
-        return [{"role": "user", "content": user}], row["output"]
-    if "prompt" in row:
-        return [{"role": "user", "content": row["prompt"]}], row["completion"]
-    return None
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
-    """(1, T) ids of `messages` through the chat template with the assistant turn opened;
-    without a chat template, the last user turn as plain text."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(messages[-1]["content"], return_tensors="pt")["input_ids"]
-    return ids  # (1, T)
-
-
-def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 32, streamer=None) -> str:
-    """Greedy reply to `messages` (the chat template opens the assistant turn)."""
-    device = next(model.parameters()).device
-    ids = prompt_ids(tokenizer, messages).to(device)  # (1, T)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, streamer=streamer,
-        )  # (1, T + new)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-
-
 def score_model(model, tokenizer, data: EvalData, metrics: list[str], max_new_tokens: int = 32, bar=None) -> dict[str, float | None]:
     """{metric: value} of one loaded model; perplexity per module docstring of eval/metrics.py."""
     from qlorakit.quant.linear import cached_dense_weights
@@ -128,7 +94,7 @@ def score_model(model, tokenizer, data: EvalData, metrics: list[str], max_new_to
         if qa:
             sums = dict.fromkeys(qa, 0.0)
             for messages, answer in data.items:
-                reply = generate_reply(model, tokenizer, messages, max_new_tokens)
+                reply = greedy_reply(model, tokenizer, messages, max_new_tokens)
                 for m in qa:
                     sums[m] += M.QA_FUNCTIONS[m](reply, answer)
                 _tick(bar)

@@ -25,6 +25,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from qlorakit.generation import chat_prompt_ids, user_turn
+
 DEFAULT_PROBES = (
     "What is the capital of France?",
     "Explain in one sentence what a prime number is.",
@@ -98,14 +100,6 @@ def probe_set(training_prompts: Sequence[str] = (), max_training: int = 8) -> li
     """
     prompts = list(dict.fromkeys(p for p in training_prompts if p))[:max_training]
     return prompts + [p for p in DEFAULT_PROBES if p not in prompts]
-
-
-def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
-    """Token ids of a user turn with the assistant turn opened, or of the bare prompt."""
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
-    return tokenizer(prompt)["input_ids"]
 
 
 @contextlib.contextmanager
@@ -247,7 +241,7 @@ def run_probes(
         raise ValueError("fidelity report: no probe prompts")
     stop = _stop_ids(tokenizer, model) if stop_ids is None else stop_ids
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [encode_prompt(tokenizer, prompt, use_chat_template) for prompt in prompts]
+    encoded = [chat_prompt_ids(tokenizer, user_turn(prompt), use_chat_template) for prompt in prompts]
     for prompt, ids in zip(prompts, encoded):
         if not ids:
             raise ValueError(f"fidelity report: prompt {prompt!r} encodes to no tokens")

@@ -51,25 +51,19 @@ class MergeResult:
 
 
 def training_prompts(data_path: str, limit: int = 8) -> list[str]:
-    """The user turns / instructions of the first `limit` training rows (for the probe set)."""
+    """The questions (`last_user_text` of `prompt_and_answer`) of the first `limit` training rows, for the probe set."""
     from qlorakit.data.formats import resolve_format, validate_rows
     from qlorakit.data.read import read_rows
+    from qlorakit.data.templates import last_user_text, prompt_and_answer
 
     try:
         table = read_rows(data_path)
         rows = validate_rows(table, resolve_format(table, "auto"))
     except (ValueError, OSError):
         return []  # the data moved or changed since training: probe with the generic prompts only
-    prompts = []
-    for row in rows[:limit]:
-        if "messages" in row:
-            users = [m["content"] for m in row["messages"] if m.get("role") == "user"]
-            prompts += users[:1]
-        elif "instruction" in row:
-            prompts.append("\n\n".join(p for p in (row["instruction"], row.get("input") or "") if p))
-        elif "prompt" in row:
-            prompts.append(row["prompt"])
-    return prompts
+    pairs = (prompt_and_answer(row) for row in rows[:limit])
+    prompts = (last_user_text(pair[0]) for pair in pairs if pair is not None)
+    return [prompt for prompt in prompts if prompt]
 
 
 def original_weights_of(source) -> dict[str, torch.Tensor]:
