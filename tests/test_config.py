@@ -31,8 +31,8 @@ train:   {output_dir: runs/x, max_steps: 100, epochs: null, batch_size: 4, grad_
           lr: 2.0e-4, schedule: cosine, warmup_ratio: 0.03, max_grad_norm: 0.3,
           optimizer: adamw, weight_decay: 0.0, gradient_checkpointing: false, seed: 42,
           save_every: 50, log_every: 1, eval_every: null, resume: false,
-          tensorboard: false, skip_nonfinite: false}
-merge:   {after_train: false, dtype: bf16, into: dequantized, keep_lm_head_fp16: false}
+          tensorboard: false, skip_nonfinite: false, fast_paths: all}
+merge:   {after_train: false, dtype: auto, into: dequantized, keep_lm_head_fp16: false}
 """)
 
 

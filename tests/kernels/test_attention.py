@@ -180,3 +180,17 @@ def test_generation_is_unchanged_and_other_implementations_are_left_alone():
     assert torch.equal(got, expected)
     eager = build_tiny(tiny_llama_config(attn_implementation="eager"))
     assert not use_stacked_gqa_attention(eager) and eager.config._attn_implementation == "eager"
+
+
+def test_switching_back_removes_the_registration_it_added():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface._global_mapping.pop(IMPLEMENTATION, None)  # as in a fresh process
+    AttentionMaskInterface._global_mapping.pop(IMPLEMENTATION, None)
+    model = build_tiny(tiny_llama_config())
+    restore = use_stacked_gqa_attention(model)
+    assert IMPLEMENTATION in AttentionInterface._global_mapping and model.config._attn_implementation == IMPLEMENTATION
+    restore()
+    assert model.config._attn_implementation == "sdpa"
+    assert IMPLEMENTATION not in AttentionInterface._global_mapping and IMPLEMENTATION not in AttentionMaskInterface._global_mapping
