@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
-import tempfile
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -22,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import yaml
+
+from qlorakit.files.atomic import write_text_atomic
 
 
 class ConfigError(ValueError):
@@ -451,13 +451,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# Resolved qlorakit config: every key, defaults included.\n"
     text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)

@@ -3,7 +3,8 @@
     staged_directory(out)     write into a hidden sibling `.{name}.tmp-XXXX`; on success it is renamed
                               to `out` (an old `out` removed only after that), on any error removed
     move_into_place(s, out)   that rename on its own
-    write_json_atomic(p, d)   one JSON file under a temporary name, then renamed
+    write_text_atomic(p, t)   one file under a temporary name, flushed, then renamed
+    write_json_atomic(p, d)   the same for a JSON object
     check_output_dir(out)     refuse a file, or a non-empty directory without overwrite
     check_disk_space(out, n)  refuse when the file system has less than n bytes free
 
@@ -96,16 +97,23 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write JSON under a temporary name in the same directory, then rename."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` under a temporary name in the same directory, flushed to disk, then rename:
+    readers see the old file or the new one, never a part."""
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """`payload` as indented JSON, written as `write_text_atomic` writes."""
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
