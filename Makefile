@@ -5,7 +5,7 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.qlorakit-installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(VPY) -m pytest -q tests
+
+# The suite without the tests marked slow (pyproject.toml): a few minutes on 2 cores.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(VPY) -m pytest -q -m "not slow" tests
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(VPY) bench/run.py

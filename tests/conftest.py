@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models built from a config in-process, offline, and the real SmolLM2."""
+"""Shared fixtures: tiny models built from a config in-process, offline, the real SmolLM2, and
+`cli`, which runs `qlorakit ARGS` in this process."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental download fails loudly
 
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -82,3 +84,37 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     """hidden 64, 2 layers, SmolLM2's 49,152-token vocabulary and chat template; initializer
     range 0.2 so that logits are large enough for a frozen head to express a fit."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer, initializer_range=0.2)
+
+
+@dataclass
+class CliResult:
+    """What `qlorakit ARGS` returned and printed; the attribute names of subprocess.CompletedProcess,
+    so a check written for either runs on both."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def __iter__(self):  # code, out, err = cli(...)
+        return iter((self.returncode, self.stdout, self.stderr))
+
+
+@pytest.fixture
+def cli(capsys):
+    """`cli(*args)` runs `qlorakit ARGS` in this process (`qlorakit.cli.main(argv)`) and returns its
+    CliResult: the exit code `main` returns (argparse's SystemExit code for a usage error) and what
+    it printed. Spawning `python -m qlorakit` costs seconds of imports per call and checks nothing
+    more, except where the process itself is the point (the executable's exit, signals): those tests
+    use tests/reliability/conftest.py `run_cli` / `run_cli_killed_after`."""
+    from qlorakit.cli import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()  # drop what the test printed before
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse: --help (0) and usage errors (2)
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run

@@ -1,4 +1,4 @@
-"""CLI tests: run `qlorakit.cli.main` in-process on tiny models (and SmolLM2 where marked)."""
+"""CLI tests: run `qlorakit` in-process (tests/conftest.py `cli`) on tiny models (and SmolLM2 where marked)."""
 
 from __future__ import annotations
 
@@ -25,16 +25,6 @@ def write_config(path, model: str, data, run_dir, quant: dict, adapter: dict, **
               "data": {"path": str(data), "max_length": 64}, "train": values}
     path.write_text(yaml.safe_dump(config))
     return str(path)
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `qlorakit argv...`."""
-    from qlorakit.cli import main
-
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_line(err: str) -> str:

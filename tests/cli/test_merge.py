@@ -11,12 +11,12 @@ import json
 
 import torch
 
-from tests.cli.conftest import error_line, run_cli
+from tests.cli.conftest import error_line
 
 
-def test_gguf_out_of_a_plain_lora_run_is_refused(tiny_runs, tmp_path, capsys):
+def test_gguf_out_of_a_plain_lora_run_is_refused(tiny_runs, tmp_path, cli):
     out = tmp_path / "merged.gguf"
-    code, stdout, err = run_cli(capsys, "merge", str(tiny_runs["lora"]), "--out", str(out))
+    code, stdout, err = cli("merge", str(tiny_runs["lora"]), "--out", str(out))
     line = error_line(err)
     assert code == 1 and stdout == ""
     assert "plain LoRA run" in line and "16-bit directory" in line
@@ -25,8 +25,8 @@ def test_gguf_out_of_a_plain_lora_run_is_refused(tiny_runs, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_gguf_out_of_a_run_on_another_base_is_refused(tiny_runs, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "merge", str(tiny_runs["qalora"]), "--out", str(tmp_path / "m.gguf"))
+def test_gguf_out_of_a_run_on_another_base_is_refused(tiny_runs, tmp_path, cli):
+    code, _, err = cli("merge", str(tiny_runs["qalora"]), "--out", str(tmp_path / "m.gguf"))
     assert code == 1
     assert "the run's base is quant.method int4, not gguf" in error_line(err)
     assert "qlorakit export" in error_line(err)
@@ -37,13 +37,13 @@ def logits(model, ids):
         return model(ids).logits.float()
 
 
-def test_int4_qalora_merge_stays_int4_and_reloads(tiny_runs, tmp_path, capsys):
+def test_int4_qalora_merge_stays_int4_and_reloads(tiny_runs, tmp_path, cli):
     from qlorakit.merge.zero_point import merged_qalora_model
     from qlorakit.models.restore import load_any, load_run
     from qlorakit.quant.linear import QuantLinear
 
     out = tmp_path / "merged"
-    code, stdout, err = run_cli(capsys, "merge", str(tiny_runs["qalora"]), "--out", str(out), "--json")
+    code, stdout, err = cli("merge", str(tiny_runs["qalora"]), "--out", str(out), "--json")
     assert code == 0, err
     result = json.loads(stdout)
     assert result["format"] == "int4" and result["into"] == "zero_points" and result["faithful"]
@@ -65,14 +65,14 @@ def test_int4_qalora_merge_stays_int4_and_reloads(tiny_runs, tmp_path, capsys):
     assert reloaded.tokenizer.chat_template == loaded.tokenizer.chat_template
 
 
-def test_int4_merge_refuses_requantize(tiny_runs, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "merge", str(tiny_runs["qalora"]), "--out", str(tmp_path / "m"), "--requantize", "nf4")
+def test_int4_merge_refuses_requantize(tiny_runs, tmp_path, cli):
+    code, _, err = cli("merge", str(tiny_runs["qalora"]), "--out", str(tmp_path / "m"), "--requantize", "nf4")
     assert code == 1 and "this int4 merge is exact and keeps the format" in error_line(err)
     assert "quantizing" not in err  # refused before loading the model
 
 
-def test_int4_merge_refuses_a_non_empty_directory_before_loading(tiny_runs, tmp_path, capsys):
+def test_int4_merge_refuses_a_non_empty_directory_before_loading(tiny_runs, tmp_path, cli):
     (tmp_path / "keep.txt").write_text("mine")
-    code, _, err = run_cli(capsys, "merge", str(tiny_runs["qalora"]), "--out", str(tmp_path))
+    code, _, err = cli("merge", str(tiny_runs["qalora"]), "--out", str(tmp_path))
     assert code == 1 and "exists and is not empty; choose another --out or pass --overwrite" in error_line(err)
     assert "quantizing" not in err and [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

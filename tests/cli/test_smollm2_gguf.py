@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from tests.cli.conftest import ANSWER, QUESTION, fact_data, run_cli, write_config
+from tests.cli.conftest import ANSWER, QUESTION, fact_data, write_config
 
 pytestmark = pytest.mark.smollm2
 
@@ -48,9 +48,9 @@ def hf_answer(path, question: str = QUESTION) -> str:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_qalora_merges_into_a_gguf_transformers_runs(qalora_run, smollm2_path, tmp_path, capsys):
+def test_qalora_merges_into_a_gguf_transformers_runs(qalora_run, smollm2_path, tmp_path, cli):
     out = tmp_path / "merged.gguf"
-    code, stdout, err = run_cli(capsys, "merge", str(qalora_run), "--out", str(out), "--json")
+    code, stdout, err = cli("merge", str(qalora_run), "--out", str(out), "--json")
     assert code == 0, err
     result = json.loads(stdout)
     assert result["out"] == str(out) and result["format"] == "gguf" and result["faithful"]
@@ -66,22 +66,22 @@ def test_qalora_merges_into_a_gguf_transformers_runs(qalora_run, smollm2_path, t
     assert ANSWER not in hf_answer(smollm2_path)
 
 
-def test_merge_refuses_an_existing_gguf(qalora_run, tmp_path, capsys):
+def test_merge_refuses_an_existing_gguf(qalora_run, tmp_path, cli):
     out = tmp_path / "merged.gguf"
     out.write_bytes(b"not mine")
-    code, _, err = run_cli(capsys, "merge", str(qalora_run), "--out", str(out))
+    code, _, err = cli("merge", str(qalora_run), "--out", str(out))
     assert code == 1 and f"{out}: exists; choose another --out or pass --overwrite" in err
     assert "reading GGUF" not in err  # refused before loading the model
     assert out.read_bytes() == b"not mine"
 
 
-def test_export_writes_a_merged_directory_as_q4_1(qalora_run, smollm2_path, tmp_path, capsys):
+def test_export_writes_a_merged_directory_as_q4_1(qalora_run, smollm2_path, tmp_path, cli):
     """The other route to a GGUF: 16-bit merge, then `qlorakit export --type q4_1` (re-quantizes)."""
     merged = tmp_path / "merged"
-    code, _, err = run_cli(capsys, "merge", str(qalora_run), "--out", str(merged), "--dtype", "fp32")
+    code, _, err = cli("merge", str(qalora_run), "--out", str(merged), "--dtype", "fp32")
     assert code == 0, err
     out = tmp_path / "requantized.gguf"
-    code, stdout, err = run_cli(capsys, "export", str(merged), "--format", "gguf", "--out", str(out), "--type", "q4_1", "--json")
+    code, stdout, err = cli("export", str(merged), "--format", "gguf", "--out", str(out), "--type", "q4_1", "--json")
     assert code == 0, err
     result = json.loads(stdout)
     assert result == {**result, "out": str(out), "format": "gguf", "type": "q4_1", "bytes": smollm2_path.stat().st_size}

@@ -1,14 +1,13 @@
 """Model sources and loading, against transformers' own loaders."""
 
-import json
-
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from qlorakit.models.gguf_io import permute_qk_rows, unpermute_qk_rows
 from qlorakit.models.load import load_model
 from qlorakit.models.sources import ModelSourceError, resolve_source
-from tests.conftest import build_tiny, tiny_llama_config
+from tests.conftest import build_tiny, save_tiny_llama, tiny_llama_config
 
 
 def test_embedded_name_resolves_to_the_packaged_gguf(smollm2_path):
@@ -34,16 +33,58 @@ def test_source_kinds_and_errors(tmp_path):
         resolve_source(pickled)
 
 
-def test_hf_directory_loads_and_quantizes(tmp_path):
-    reference = build_tiny(tiny_llama_config())
-    reference.save_pretrained(tmp_path)
-    json.dump({"model_max_length": 128}, open(tmp_path / "tokenizer_config.json", "w"))
-    ids = torch.randint(0, 256, (1, 10))
-    from qlorakit.models.load import _load_hf
-
-    dense = _load_hf(resolve_source(tmp_path), torch.float32, False)
+def test_hf_directory_loads_dense_as_transformers_does(tmp_path, smollm2_tokenizer):
+    model_dir = save_tiny_llama(tmp_path / "model", smollm2_tokenizer)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dense = load_model(model_dir, dtype="fp32", quant="none", progress=False).model
+    ids = torch.randint(0, len(smollm2_tokenizer), (1, 10))
     with torch.no_grad():
-        torch.testing.assert_close(dense(ids).logits, reference(ids).logits)
+        assert torch.equal(dense(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_hf_directory_loads_and_quantizes(tmp_path, smollm2_tokenizer, monkeypatch, double_quant):
+    """Every decoder linear layer becomes an nf4 QuantLinear (blocks of 64) holding bitsandbytes'
+    own quantize_4bit codes of the original weight, and its dense weight is bitsandbytes'
+    dequantize_4bit of them, bit for bit. With double quantization the nested 8-bit absmax codes
+    may differ from bitsandbytes' CPU kernel on near-ties (tests/quant/test_nf4.py: ours are the
+    nearest): the blocks whose codes agree (at least 99%) are bit-identical. The head, embeddings
+    and norms stay dense and unchanged, and the model computes what the original model computes
+    with the dequantized weights put in."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    from qlorakit.quant.linear import QuantLinear
+
+    monkeypatch.setenv("QLORAKIT_CACHE", str(tmp_path / "cache"))  # quantized here, not read from a cache
+    model_dir = save_tiny_llama(tmp_path / "model", smollm2_tokenizer)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    loaded = load_model(model_dir, dtype="fp32", quant="nf4", double_quant=double_quant, progress=False).model
+
+    original = dict(reference.named_modules())
+    quantized = {name: m for name, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    linear = {name for name, m in original.items() if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    assert set(quantized) == linear and len(linear) == 7 * 2  # q, k, v, o, gate, up, down in each of 2 layers
+    assert isinstance(loaded.lm_head, torch.nn.Linear)
+    assert torch.equal(loaded.lm_head.weight, reference.lm_head.weight)
+    assert torch.equal(loaded.model.embed_tokens.weight, reference.model.embed_tokens.weight)
+    agree = blocks = 0
+    for name, layer in quantized.items():
+        assert layer.fmt.name == "nf4" and layer.group_size == 64 and layer.fmt.double_quant is double_quant, name
+        weight = original[name].weight.detach()
+        packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        ours = layer.dequantize_weight(torch.float32)  # (out, in)
+        assert torch.equal(layer.qweight.tensors["codes"], packed.view(-1)), name
+        same = layer.qweight.tensors["absmax"] == state.absmax  # (blocks,): fp32 absmax, or its nested 8-bit code
+        agree, blocks = agree + int(same.sum()), blocks + same.numel()
+        expected = bnb_functional.dequantize_4bit(packed, state)  # (out, in)
+        assert torch.equal(ours.view(-1, 64)[same], expected.view(-1, 64)[same]), name  # (blocks, 64) rows
+        with torch.no_grad():
+            original[name].weight.copy_(ours)
+    assert agree == blocks if not double_quant else agree >= 0.99 * blocks, (agree, blocks)
+
+    ids = torch.randint(0, len(smollm2_tokenizer), (2, 12))
+    with torch.no_grad():
+        # The same weights: only the order of fp32 summation may differ between the two matmuls.
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_qk_permutation_round_trip():

@@ -1,8 +1,10 @@
-"""The measured process baseline (plan/baseline.py) and the peak-RSS wrapper (plan/child_peak.py)."""
+"""The measured process baseline (plan/baseline.py) and the peak-RSS wrapper of the plan's
+calibration (bench/child_peak.py)."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig
@@ -13,9 +15,11 @@ from qlorakit.plan.baseline import Baseline, BaselineProbe
 from qlorakit.plan.estimate import MIB, RSS_BASE
 from qlorakit.plan.report import plan_config
 
+CHILD_PEAK = str(Path(__file__).resolve().parents[2] / "bench" / "child_peak.py")
+
 
 def _peak_of(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "qlorakit.plan.child_peak", sys.executable, "-c", code],
+    out = subprocess.run([sys.executable, CHILD_PEAK, sys.executable, "-c", code],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -29,7 +33,7 @@ def test_child_peak_sees_a_touched_allocation_as_anonymous_memory():
 
 
 def test_child_peak_passes_on_the_childs_failure():
-    out = subprocess.run([sys.executable, "-m", "qlorakit.plan.child_peak", sys.executable, "-c", "raise SystemExit(3)"],
+    out = subprocess.run([sys.executable, CHILD_PEAK, sys.executable, "-c", "raise SystemExit(3)"],
                          capture_output=True, text=True)
     assert out.returncode == 3
 

@@ -2,16 +2,13 @@
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 from transformers import LlamaConfig
 
 from qlorakit.config import config_from_dict
-from qlorakit.plan.estimate import activation_bytes, estimate, layer_activation_bytes, loss_bytes, quantized_bytes
+from qlorakit.plan.estimate import activation_bytes, estimate, quantized_bytes
 from qlorakit.plan.report import parse_memory, plan_config
 from qlorakit.plan.shapes import model_shapes
 
@@ -66,20 +63,66 @@ def test_activations_hand_computed_and_checkpointing_saves(config_dir):
     assert activation_bytes(shapes, 2, 128, e, 8, 0.0, True) == 2 * n * 576 * e + layer + 2 * n * 576 * e
 
 
-def test_checkpointing_step_holds_the_larger_of_rebuilt_layer_and_loss(config_dir):
-    """With checkpointing, the layer rebuilt in backward and the loss's logits blocks never coexist."""
-    for batch, seq, vocab in [(2, 128, 49152), (16, 1024, 1000)]:  # loss larger than a layer, then smaller
-        cfg = _cfg(config_dir, gradient_checkpointing=True, batch_size=batch)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=seq))
-        shapes = model_shapes(cfg)
-        shapes.vocab = vocab
-        plan = estimate(cfg, shapes, device="cuda")
-        layer = layer_activation_bytes(shapes, batch, seq, 2, 8, 0.0)
-        loss = loss_bytes(shapes, batch, seq, 2)
-        assert plan.parts["activations"] == activation_bytes(shapes, batch, seq, 2, 8, 0.0, True) - layer
-        assert plan.parts["loss"] + plan.parts["recompute"] == max(layer, loss)
-        assert (loss > layer) == (vocab == 49152)
-        assert plan.activations_with_checkpointing == plan.parts["activations"] + layer
+@pytest.mark.parametrize("batch, seq, vocab, layer, loss", [
+    # N = 256 tokens, e = 2: layer 256·2·(5·576 + 2·192 + 3·1536) + 256·4·8·7 + 4·2·3·128 = 4,090,880;
+    # loss 256 rows of 49,152 logits in bf16 plus their fp32 up-cast, 256·49,152·(2 + 4), + the saved
+    # (256, 576) bf16 gradient = 75,792,384: the loss is the larger.
+    (2, 128, 49152, 4_090_880, 75_792_384),
+    # N = 16,384: layer 16,384·2·7,872 + 16,384·4·56 + 4·16·3·1,024 = 261,816,320; loss
+    # 256·1,000·6 + 16,384·576·2 = 20,410,368: the rebuilt layer is the larger.
+    (16, 1024, 1000, 261_816_320, 20_410_368),
+])
+def test_checkpointing_step_holds_the_larger_of_rebuilt_layer_and_loss(tmp_path, batch, seq, vocab, layer, loss):
+    """With checkpointing the step keeps each layer's (N, h) input (2 layers, plus the final norm's
+    input and output: 4·N·576·2 bytes) and rebuilds one layer in backward, after the loss's logits
+    blocks are gone: it holds max(rebuilt layer, loss) on top of the inputs, never their sum."""
+    LlamaConfig(**{**SHAPE, "vocab_size": vocab}).save_pretrained(tmp_path / "model")
+    cfg = _cfg(tmp_path / "model", gradient_checkpointing=True, batch_size=batch)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=seq))
+    plan = estimate(cfg, model_shapes(cfg), device="cuda")
+    inputs = 4 * batch * seq * 576 * 2
+    assert plan.parts["activations"] == inputs
+    assert plan.parts["loss"] == loss
+    assert plan.parts["loss"] + plan.parts["recompute"] == max(layer, loss)
+    assert plan.activations_with_checkpointing == inputs + layer
+
+
+def test_parts_equal_the_tensors_of_a_real_tiny_model(config_dir):
+    """The plan's weights, adapters, gradients and AdamW state against the bytes of the tensors
+    qlorakit builds for the same model: quantized with nf4 + double quant, LoRA r=8 on every linear
+    layer, one optimizer step taken."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlorakit.adapters.inject import add_adapters
+    from qlorakit.quant.linear import QuantLinear
+    from qlorakit.quant.registry import format_for_config
+    from qlorakit.quant.replace import quantize_model
+    from qlorakit.train.optim import build_optimizer
+
+    cfg = _cfg(config_dir)
+    plan = estimate(cfg, model_shapes(cfg))
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE), dtype=torch.bfloat16)
+    quantize_model(model, format_for_config("nf4", 64, True), torch.bfloat16, progress=False)
+    add_adapters(model, "all-linear", r=8, alpha=16)
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert len(quantized) == 14 and plan.trainable_parameters == sum(p.numel() for p in trainable)
+    assert plan.parts["quantized_weights"] == nbytes(b for m in quantized for b in m.buffers())
+    assert plan.parts["dense_weights"] == nbytes(frozen)  # embeddings, head, norms in bf16
+    assert plan.parts["adapters"] == plan.parts["gradients"] == nbytes(trainable)  # fp32 adapters, fp32 gradients
+
+    optimizer = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.0)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    moments = [t for state in optimizer.state.values() for name, t in state.items() if name != "step"]
+    assert plan.parts["optimizer"] == nbytes(moments)
 
 
 def test_fits_and_advice(config_dir):
@@ -102,22 +145,19 @@ def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "qlorakit", "plan", *args], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-
-
-def test_json_output_and_one_line_errors(config_dir, tmp_path):
+def test_json_output_and_one_line_errors(cli, config_dir, tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": str(config_dir)}, "train": {"batch_size": 2}}))
-    out = _cli(str(path), "data.max_length=256", "--gpu-memory", "1GiB", "--json")
+    out = cli("plan", path, "data.max_length=256", "--gpu-memory", "1GiB", "--json")
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)  # exactly one JSON object
     assert plan["peak_bytes"] == sum(plan["parts"].values()) and plan["max_length"] == 256
     assert {"quantized_weights", "dense_weights", "adapters", "optimizer", "gradients", "activations", "loss",
             "framework"} <= plan["parts"].keys()
     assert plan["fits"] is True and plan["device"] == "cuda"
-    bad = _cli(str(path), "--gpu-memory", "24XB")
-    assert bad.returncode == 1 and "--gpu-memory" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    bad = _cli(str(path), "train.batch_sise=2")
-    assert bad.returncode == 1 and "train.batch_sise" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    bad = cli("plan", path, "--gpu-memory", "24XB")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "qlorakit plan: error: --gpu-memory: cannot read '24XB'; write a size such as 24GiB, 80GB or 16000MiB"], bad.stderr
+    bad = cli("plan", path, "train.batch_sise=2")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "qlorakit plan: error: train.batch_sise: unknown key; did you mean train.batch_size?"], bad.stderr

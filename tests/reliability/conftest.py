@@ -1,8 +1,10 @@
-"""Fixtures for issue #9's bad-input tests: a tiny HF model, a runner for the CLI, input snapshots.
+"""Fixtures for the bad-input tests: a tiny HF model, configs, process runners, input snapshots.
 
-CLI tests run `python -m qlorakit ...` in a subprocess (HF_HUB_OFFLINE=1), as a user would, and
-check the contract: exit 1, the last stderr line is `qlorakit <command>: error: ...` naming the
-problem, no traceback, no output left behind, inputs unchanged.
+CLI error tests run `qlorakit ...` in-process (tests/conftest.py `cli`) and check the contract:
+exit 1, the last stderr line is `qlorakit <command>: error: ...` naming the problem, no traceback,
+no output left behind, inputs unchanged. `run_cli` runs `python -m qlorakit ...` in a subprocess
+(HF_HUB_OFFLINE=1) and `run_cli_killed_after` SIGKILLs one: for the tests where the process is
+the point.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def write_config(path: Path, model, data, output_dir, **sections) -> Path:
 
 
 def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m qlorakit ARGS` in a subprocess, as a user's shell runs it."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "qlorakit", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
@@ -77,8 +80,9 @@ def run_cli_killed_after(module: str, function: str, *args, timeout=300) -> subp
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def assert_cli_error(result: subprocess.CompletedProcess, command: str, *needles: str) -> str:
-    """Exit 1, no traceback, the last stderr line is the error and names every needle; returns it."""
+def assert_cli_error(result, command: str, *needles: str) -> str:
+    """Exit 1, no traceback, the last stderr line is the error and names every needle; returns it.
+    `result`: a CliResult (tests/conftest.py `cli`) or a subprocess.CompletedProcess."""
     stderr = result.stderr.strip()
     assert result.returncode == 1, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {stderr}"
     assert "Traceback" not in stderr, stderr

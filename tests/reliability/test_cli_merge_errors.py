@@ -1,4 +1,5 @@
-"""Issue #9: `qlorakit merge` on bad inputs: one line naming the problem, no output, inputs unchanged."""
+"""`qlorakit merge` on bad inputs: one line naming the problem, no output, inputs unchanged. The CLI
+runs in-process (tests/conftest.py `cli`); the runs killed with SIGKILL in a subprocess."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from qlorakit.config import config_from_dict
 from qlorakit.train.loop import train
-from tests.reliability.conftest import QA_ROWS, assert_cli_error, run_cli, run_cli_killed_after, snapshot, write_jsonl
+from tests.reliability.conftest import QA_ROWS, assert_cli_error, run_cli_killed_after, snapshot, write_jsonl
 
 
 def _train(model_dir, data, out):
@@ -34,30 +35,30 @@ def _copy_run(run, tmp_path):
     return copy
 
 
-def test_adapter_for_another_base(runs, tmp_path):
+def test_adapter_for_another_base(cli, runs, tmp_path):
     run_a, run_b = runs
     run = _copy_run(run_a, tmp_path)
     shutil.copy(run_b / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_model.safetensors")
     out = tmp_path / "merged"
     before = snapshot(run)
-    last = assert_cli_error(run_cli("merge", run, "--out", out), "merge", "lora_", "another base")
+    last = assert_cli_error(cli("merge", run, "--out", out), "merge", "lora_", "another base")
     assert "base_model.model.model.layers." in last  # the tensor is named
     assert not out.exists() and not list(tmp_path.glob(".merged*"))
     assert snapshot(run) == before
 
 
-def test_truncated_adapter_file(runs, tmp_path):
+def test_truncated_adapter_file(cli, runs, tmp_path):
     run = _copy_run(runs[0], tmp_path)
     weights = run / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     out = tmp_path / "merged"
-    assert_cli_error(run_cli("merge", run, "--out", out), "merge", "adapter_model.safetensors")
+    assert_cli_error(cli("merge", run, "--out", out), "merge", "adapter_model.safetensors")
     assert not out.exists()
 
 
-def test_not_a_run(tmp_path):
+def test_not_a_run(cli, tmp_path):
     out = tmp_path / "merged"
-    assert_cli_error(run_cli("merge", tmp_path / "nowhere", "--out", out), "merge", "nowhere")
+    assert_cli_error(cli("merge", tmp_path / "nowhere", "--out", out), "merge", "nowhere")
     assert not out.exists()
 
 
@@ -67,31 +68,30 @@ DTYPES = ["fp32", pytest.param("bf16", id="bf16-checked-before-merging")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_out_under_a_regular_file(runs, tmp_path, dtype):
+def test_out_under_a_regular_file(cli, runs, tmp_path, dtype):
     run = _copy_run(runs[0], tmp_path)
     blocker = tmp_path / "afile"
     blocker.write_text("keep\n")
-    assert_cli_error(run_cli("merge", run, "--out", blocker / "merged", "--dtype", dtype), "merge", "afile")
+    assert_cli_error(cli("merge", run, "--out", blocker / "merged", "--dtype", dtype), "merge", "afile")
     assert blocker.read_text() == "keep\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "run"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_out_not_empty_needs_overwrite(runs, tmp_path, dtype):
+def test_out_not_empty_needs_overwrite(cli, runs, tmp_path, dtype):
     run = _copy_run(runs[0], tmp_path)
     out = tmp_path / "merged"
     out.mkdir()
     (out / "mine.txt").write_text("mine\n")
-    assert_cli_error(run_cli("merge", run, "--out", out, "--dtype", dtype), "merge", str(out), "--overwrite")
+    assert_cli_error(cli("merge", run, "--out", out, "--dtype", dtype), "merge", str(out), "--overwrite")
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"]
 
 
-def test_too_little_free_disk_refused_before_writing(runs, tmp_path, monkeypatch, capsys):
-    """`qlorakit merge` in-process, with shutil.disk_usage reporting 1 KB free: refused, nothing written."""
+def test_too_little_free_disk_refused_before_writing(cli, runs, tmp_path, monkeypatch):
+    """`qlorakit merge` with shutil.disk_usage reporting 1 KB free: refused, nothing written."""
     from collections import namedtuple
 
-    from qlorakit.cli import main
     from qlorakit.merge import write
 
     run = _copy_run(runs[0], tmp_path)
@@ -105,19 +105,16 @@ def test_too_little_free_disk_refused_before_writing(runs, tmp_path, monkeypatch
         return usage(10**12, 10**12 - 1000, 1000)
 
     monkeypatch.setattr(write.shutil, "disk_usage", disk_usage)
-    capsys.readouterr()
-    code = main(["merge", str(run), "--out", str(out), "--dtype", "fp32"])
-    stdout, stderr = capsys.readouterr()
-    assert code == 1 and stdout == "" and "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]
+    result = cli("merge", run, "--out", out, "--dtype", "fp32")
+    last = assert_cli_error(result, "merge", "1.0 KB free")
     assert last.startswith(f"qlorakit merge: error: {out}: not enough disk space: the merged model needs about "), last
-    assert "1.0 KB free" in last and asked
+    assert result.stdout == "" and asked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no merged/, no staging directory
     assert snapshot(run) == before
 
 
 @pytest.mark.parametrize("damage", ["truncated-safetensors", "corrupted-gguf"])
-def test_damaged_base_model(damage, runs, tmp_path, tiny_model_dir):
+def test_damaged_base_model(cli, damage, runs, tmp_path, tiny_model_dir):
     """The run's base (config.yaml model.name) is damaged after training: merge names the file."""
     import yaml
 
@@ -138,18 +135,18 @@ def test_damaged_base_model(damage, runs, tmp_path, tiny_model_dir):
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     out = tmp_path / "merged"
     before = snapshot(run, base)
-    assert_cli_error(run_cli("merge", run, "--out", out, "--dtype", "fp32"), "merge", str(damaged))
+    assert_cli_error(cli("merge", run, "--out", out, "--dtype", "fp32"), "merge", str(damaged))
     assert not out.exists() and not list(tmp_path.glob(".merged*"))
     assert snapshot(run, base) == before
 
 
-def test_unfaithful_merge_removes_the_weights_written_meanwhile(runs, tmp_path):
+def test_unfaithful_merge_removes_the_weights_written_meanwhile(cli, runs, tmp_path):
     """The weights are written in the background while the fidelity report runs (merge/write.py
     StagedWrite): a refusal (min agreement above 1) removes them; nothing is left at or beside `out`."""
     run = _copy_run(runs[0], tmp_path)
     out = tmp_path / "merged"
     before = snapshot(run)
-    assert_cli_error(run_cli("merge", run, "--out", out, "--dtype", "fp32", "--min-agreement", "1.01"), "merge", "not faithful")
+    assert_cli_error(cli("merge", run, "--out", out, "--dtype", "fp32", "--min-agreement", "1.01"), "merge", "not faithful")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert snapshot(run) == before
 
@@ -164,9 +161,9 @@ def test_merge_killed_before_the_rename_leaves_no_model_at_out(runs, tmp_path):
     assert (staging / "config.json").exists()  # written completely, yet never at the name asked for
 
 
-def test_merge_killed_while_overwriting_keeps_the_old_model(runs, tmp_path):
+def test_merge_killed_while_overwriting_keeps_the_old_model(cli, runs, tmp_path):
     out = tmp_path / "merged"
-    assert run_cli("merge", runs[0], "--out", out, "--dtype", "fp32").returncode == 0
+    assert cli("merge", runs[0], "--out", out, "--dtype", "fp32").returncode == 0
     before = snapshot(out)
     result = run_cli_killed_after("qlorakit.merge.write", "_write_all", "merge", runs[0], "--out", out, "--dtype", "fp32", "--overwrite")
     assert result.returncode == -9, result.stderr

@@ -1,5 +1,5 @@
-"""Issue #9: `qlorakit train` on bad inputs fails with one line naming the problem, writes nothing,
-changes no input. Each case runs the CLI in a subprocess."""
+"""`qlorakit train` on bad inputs fails with one line naming the problem, writes nothing, changes
+no input. Each case runs the CLI in-process (tests/conftest.py `cli`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.reliability.conftest import QA_ROWS, assert_cli_error, run_cli, snapshot, write_config, write_jsonl
+from tests.reliability.conftest import QA_ROWS, assert_cli_error, snapshot, write_config, write_jsonl
 
 GOOD = "".join(json.dumps(r) + "\n" for r in QA_ROWS)
 
@@ -28,14 +28,15 @@ DATA_CASES = {
     "all-masked-chat": (
         "train.jsonl",
         "".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}]}) + "\n" for i in range(4)).encode(),
-        "train.jsonl",
+        "train.jsonl: every row has its labels fully masked (no assistant turn, a template that does not match the "
+        "rows, or max_length=48 cutting off every response); nothing to train on",
     ),
     "missing-file": ("absent.jsonl", None, "absent.jsonl: no such file"),
 }
 
 
 @pytest.mark.parametrize("case", list(DATA_CASES))
-def test_bad_data(case, tmp_path, tiny_model_dir):
+def test_bad_data(cli, case, tmp_path, tiny_model_dir):
     name, content, needle = DATA_CASES[case]
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -45,9 +46,8 @@ def test_bad_data(case, tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     config = write_config(inputs / "config.yaml", tiny_model_dir, data, out)
     before = snapshot(inputs, tiny_model_dir)
-    last = assert_cli_error(run_cli("train", config, "--no-progress"), "train", needle)
-    if case == "all-masked-chat":
-        assert "masked" in last and "assistant" in last or "no trainable" in last or "train_on_prompt" in last, last
+    last = assert_cli_error(cli("train", config, "--no-progress"), "train", needle)
+    assert last.startswith(f"qlorakit train: error: {data}"), last  # the file, by its whole path, first
     assert not out.exists()
     assert snapshot(inputs, tiny_model_dir) == before
 
@@ -66,29 +66,29 @@ CONFIG_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
-def test_bad_config(case, tmp_path, tiny_model_dir):
+def test_bad_config(cli, case, tmp_path, tiny_model_dir):
     sections, key = CONFIG_CASES[case]
     data = write_jsonl(tmp_path / "train.jsonl", QA_ROWS)
     out = tmp_path / "run"
     config = write_config(tmp_path / "config.yaml", tiny_model_dir, data, out, **sections)
     before = snapshot(tmp_path)
-    assert_cli_error(run_cli("train", config), "train", key)
+    assert_cli_error(cli("train", config), "train", key)
     assert not out.exists()
     assert snapshot(tmp_path) == before
 
 
-def test_bad_override_names_the_key(tmp_path, tiny_model_dir):
+def test_bad_override_names_the_key(cli, tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", QA_ROWS)
     out = tmp_path / "run"
     config = write_config(tmp_path / "config.yaml", tiny_model_dir, data, out)
-    assert_cli_error(run_cli("train", config, "adapter.r=-2"), "train", "adapter.r")
+    assert_cli_error(cli("train", config, "adapter.r=-2"), "train", "adapter.r")
     assert not out.exists()
 
 
-def test_invalid_yaml_names_file_and_line(tmp_path):
+def test_invalid_yaml_names_file_and_line(cli, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("train:\n  lr: [1e-3\n  output_dir: x\n")
-    assert_cli_error(run_cli("train", config), "train", str(config))
+    assert_cli_error(cli("train", config), "train", str(config))
 
 
 def _train_case(tmp_path, model, **sections):
@@ -98,13 +98,13 @@ def _train_case(tmp_path, model, **sections):
     return config, out
 
 
-def test_missing_model_path(tmp_path):
+def test_missing_model_path(cli, tmp_path):
     config, out = _train_case(tmp_path, tmp_path / "no-such-model")
-    assert_cli_error(run_cli("train", config), "train", "no-such-model", "no such model")
+    assert_cli_error(cli("train", config), "train", "no-such-model", "no such model")
     assert not out.exists()
 
 
-def test_only_pickle_weights_refused(tmp_path, tiny_model_dir):
+def test_only_pickle_weights_refused(cli, tmp_path, tiny_model_dir):
     model = tmp_path / "pickled"
     model.mkdir()
     for f in tiny_model_dir.iterdir():
@@ -113,29 +113,29 @@ def test_only_pickle_weights_refused(tmp_path, tiny_model_dir):
     (model / "pytorch_model.bin").write_bytes(b"not a real pickle; must never be opened")
     config, out = _train_case(tmp_path, model)
     before = snapshot(tmp_path)
-    assert_cli_error(run_cli("train", config), "train", "pytorch_model.bin", "safetensors")
+    assert_cli_error(cli("train", config), "train", "pytorch_model.bin", "safetensors")
     assert not out.exists()
     assert snapshot(tmp_path) == before
 
 
-def test_truncated_safetensors(tmp_path, tiny_model_dir):
+def test_truncated_safetensors(cli, tmp_path, tiny_model_dir):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     config, out = _train_case(tmp_path, model)
     before = snapshot(tmp_path)
-    assert_cli_error(run_cli("train", config), "train", "model.safetensors")
+    assert_cli_error(cli("train", config), "train", "model.safetensors")
     assert not out.exists()
     assert snapshot(tmp_path) == before
 
 
-def test_safetensors_header_garbage(tmp_path, tiny_model_dir):
+def test_safetensors_header_garbage(cli, tmp_path, tiny_model_dir):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     (model / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     config, out = _train_case(tmp_path, model)
-    assert_cli_error(run_cli("train", config), "train", "model.safetensors")
+    assert_cli_error(cli("train", config), "train", "model.safetensors")
     assert not out.exists()
 
 
@@ -147,64 +147,64 @@ def gguf_bytes():
 
 
 @pytest.mark.parametrize("cut", ["header", "metadata", "tensors"])
-def test_truncated_gguf(cut, tmp_path, gguf_bytes):
+def test_truncated_gguf(cli, cut, tmp_path, gguf_bytes):
     size = {"header": 12, "metadata": 200_000, "tensors": len(gguf_bytes) - 4096}[cut]
     model = tmp_path / "model.Q4_1.gguf"
     model.write_bytes(gguf_bytes[:size])
     config, out = _train_case(tmp_path, model, quant={"method": "gguf"})
     before = snapshot(tmp_path)
-    assert_cli_error(run_cli("train", config, "--no-progress"), "train", "model.Q4_1.gguf")
+    assert_cli_error(cli("train", config, "--no-progress"), "train", "model.Q4_1.gguf")
     assert not out.exists()
     assert snapshot(tmp_path) == before
 
 
-def test_corrupted_gguf_magic(tmp_path, gguf_bytes):
+def test_corrupted_gguf_magic(cli, tmp_path, gguf_bytes):
     model = tmp_path / "bad.gguf"
     model.write_bytes(b"GGUX" + gguf_bytes[4:200_000])
     config, out = _train_case(tmp_path, model)
-    assert_cli_error(run_cli("train", config), "train", "bad.gguf")
+    assert_cli_error(cli("train", config), "train", "bad.gguf")
     assert not out.exists()
 
 
-def test_targets_match_nothing(tmp_path, tiny_model_dir):
+def test_targets_match_nothing(cli, tmp_path, tiny_model_dir):
     config, out = _train_case(tmp_path, tiny_model_dir, adapter={"targets": ["no_such_proj"]})
-    assert_cli_error(run_cli("train", config, "--no-progress"), "train", "no_such_proj")
+    assert_cli_error(cli("train", config, "--no-progress"), "train", "no_such_proj")
     assert not out.exists()
 
 
-def test_output_under_a_regular_file(tmp_path, tiny_model_dir):
+def test_output_under_a_regular_file(cli, tmp_path, tiny_model_dir):
     blocker = tmp_path / "afile"
     blocker.write_text("keep me\n")
     data = write_jsonl(tmp_path / "train.jsonl", QA_ROWS)
     config = write_config(tmp_path / "config.yaml", tiny_model_dir, data, blocker / "run")
     before = snapshot(tmp_path)
-    assert_cli_error(run_cli("train", config), "train", "train.output_dir", "afile")
+    assert_cli_error(cli("train", config), "train", "train.output_dir", "afile")
     assert snapshot(tmp_path) == before
 
 
-def test_output_is_a_regular_file(tmp_path, tiny_model_dir):
+def test_output_is_a_regular_file(cli, tmp_path, tiny_model_dir):
     blocker = tmp_path / "afile"
     blocker.write_text("keep me\n")
     data = write_jsonl(tmp_path / "train.jsonl", QA_ROWS)
     config = write_config(tmp_path / "config.yaml", tiny_model_dir, data, blocker)
     before = snapshot(tmp_path)
-    assert_cli_error(run_cli("train", config), "train", "train.output_dir")
+    assert_cli_error(cli("train", config), "train", "train.output_dir")
     assert snapshot(tmp_path) == before
 
 
-def test_existing_run_refused_then_resumed(tmp_path, tiny_model_dir):
+def test_existing_run_refused_then_resumed(cli, tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", QA_ROWS)
     out = tmp_path / "run"
     config = write_config(tmp_path / "config.yaml", tiny_model_dir, data, out)
-    first = run_cli("train", config, "--no-progress", "train.save_every=1")
+    first = cli("train", config, "--no-progress", "train.save_every=1")
     assert first.returncode == 0, first.stderr
     run_files = snapshot(out)
 
-    refused = run_cli("train", config, "--no-progress", "train.max_steps=4")
+    refused = cli("train", config, "--no-progress", "train.max_steps=4")
     assert_cli_error(refused, "train", "train.output_dir", "already holds a run", "--overwrite", "train.resume")
     assert snapshot(out) == run_files  # the refused start touched nothing
 
-    resumed = run_cli("train", config, "--no-progress", "train.max_steps=4", "train.resume=true", "--json")
+    resumed = cli("train", config, "--no-progress", "train.max_steps=4", "train.resume=true", "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out / 'checkpoints' / 'step-2'}" in resumed.stderr
     payload = json.loads(resumed.stdout)
@@ -213,45 +213,45 @@ def test_existing_run_refused_then_resumed(tmp_path, tiny_model_dir):
     assert steps == [1, 2, 3, 4]
 
 
-def test_resume_without_a_run(tmp_path, tiny_model_dir):
+def test_resume_without_a_run(cli, tmp_path, tiny_model_dir):
     config, out = _train_case(tmp_path, tiny_model_dir, train={"resume": True})
-    assert_cli_error(run_cli("train", config), "train", "train.resume")
+    assert_cli_error(cli("train", config), "train", "train.resume")
     assert not out.exists()
 
 
-def test_nonempty_non_run_dir_refused(tmp_path, tiny_model_dir):
+def test_nonempty_non_run_dir_refused(cli, tmp_path, tiny_model_dir):
     config, out = _train_case(tmp_path, tiny_model_dir)
     out.mkdir()
     (out / "notes.txt").write_text("mine\n")
-    assert_cli_error(run_cli("train", config), "train", "train.output_dir", "not empty")
+    assert_cli_error(cli("train", config), "train", "train.output_dir", "not empty")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-def test_debug_shows_traceback(tmp_path, tiny_model_dir):
+def test_debug_shows_traceback(cli, tmp_path, tiny_model_dir):
     config, out = _train_case(tmp_path, tiny_model_dir, adapter={"r": 0})
-    result = run_cli("--debug", "train", config)
+    result = cli("--debug", "train", config)
     assert result.returncode == 1
     assert "Traceback" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("qlorakit train: error: adapter.r")
 
 
-def test_overwrite_never_deletes_an_input(tmp_path, tiny_model_dir):
+def test_overwrite_never_deletes_an_input(cli, tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)  # looks like a run
     data = write_jsonl(out / "train.jsonl", QA_ROWS)  # ... and holds the training data
     config = write_config(tmp_path / "config.yaml", tiny_model_dir, data, out)
     before = snapshot(out)
-    assert_cli_error(run_cli("train", config, "--overwrite"), "train", "--overwrite would delete data.path")
+    assert_cli_error(cli("train", config, "--overwrite"), "train", "--overwrite would delete data.path")
     assert snapshot(out) == before and (out / "checkpoints").is_dir()
 
 
-def test_long_and_fully_masked_rows_are_reported_not_errors(tmp_path, tiny_model_dir):
+def test_long_and_fully_masked_rows_are_reported_not_errors(cli, tmp_path, tiny_model_dir):
     rows = [*QA_ROWS, {"instruction": "long " * 200, "input": "", "output": "short"}]
     data = write_jsonl(tmp_path / "train.jsonl", rows)  # the long row's answer falls past max_length: fully masked
     out = tmp_path / "run"
     config = write_config(tmp_path / "config.yaml", tiny_model_dir, data, out)
     before = snapshot(data)
-    result = run_cli("train", config, "--no-progress")
+    result = cli("train", config, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()

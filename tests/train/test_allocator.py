@@ -1,4 +1,8 @@
-"""train/allocator.py: the mmap threshold a run trains with, checked against glibc itself."""
+"""qlorakit/allocator.py: the mmap threshold a run trains with, checked against glibc itself.
+
+Each probe runs in a fresh interpreter (mallopt is process-wide) and asks glibc where a block
+landed: heap or mmap (mallinfo2's hblkhd is the mmapped bytes, arena the heap's size).
+"""
 
 from __future__ import annotations
 
@@ -9,21 +13,14 @@ import textwrap
 
 import pytest
 
-from qlorakit.train.allocator import (
-    RETURN_THRESHOLD_BYTES,
-    REUSE_THRESHOLD_BYTES,
-    fix_mmap_threshold,
-    mmap_threshold_for,
-)
+from qlorakit.allocator import RETURN_THRESHOLD_BYTES, REUSE_THRESHOLD_BYTES, fix_mmap_threshold, mmap_threshold_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
 
-def test_threshold_by_dtype_and_checkpointing():
+def test_threshold_by_dtype():
     assert mmap_threshold_for("bf16") == REUSE_THRESHOLD_BYTES == 32 << 20
-    assert mmap_threshold_for("bf16", checkpointing=True) == REUSE_THRESHOLD_BYTES
     assert mmap_threshold_for("fp32") == mmap_threshold_for("fp16") == RETURN_THRESHOLD_BYTES == 1 << 20
-    assert mmap_threshold_for("fp32", checkpointing=True) == RETURN_THRESHOLD_BYTES
 
 
 def test_a_users_threshold_is_left_alone(monkeypatch):
@@ -32,12 +29,12 @@ def test_a_users_threshold_is_left_alone(monkeypatch):
 
 
 # The start of every probe: a fresh interpreter without the user's malloc settings, and glibc's
-# malloc, free and mallinfo2 (its arena is the heap's size, hblkhd the mmapped bytes).
+# malloc, free and mallinfo2.
 _PRELUDE = textwrap.dedent("""
     import ctypes, json, os, sys
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         os.environ.pop(name, None)
-    from qlorakit.train.allocator import fix_mmap_threshold
+    from qlorakit.allocator import fix_mmap_threshold, restore_malloc_defaults
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in
@@ -47,55 +44,63 @@ _PRELUDE = textwrap.dedent("""
     libc.mallinfo2.restype = MallInfo2
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
+
+    def setup(mode):
+        # "glibc": untouched; "<dtype>": fixed for a run in dtype; "<dtype>-restored": fixed, then put back.
+        dtype, _, then = mode.partition("-")
+        if dtype != "glibc":
+            assert fix_mmap_threshold(dtype)
+        if then == "restored":
+            assert restore_malloc_defaults()
 """)
 
-# In a fresh interpreter (mallopt is process-wide), each case starting where glibc alone would do
-# the opposite. fp32: freeing a mmapped 4 MiB block first raises glibc's dynamic threshold to
-# 4 MiB, where a 2 MiB block would come from the heap; after the fix it is mmapped (mallinfo2's
-# hblkhd grows). bf16: glibc's initial threshold (128 KiB) would mmap it; after the fix it is not.
-_PROBE = _PRELUDE + textwrap.dedent("""
+
+def _probe(script: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PRELUDE + textwrap.dedent(script), *args], capture_output=True,
+                         text=True, timeout=120)
+    if "mallinfo2" in out.stderr:
+        pytest.skip("glibc before 2.33 has no mallinfo2")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# fp32: freeing a mmapped 4 MiB block first raises glibc's dynamic threshold to 4 MiB, where a 2 MiB
+# block would come from the heap; fixed at 1 MiB it is mmapped (hblkhd grows). bf16: glibc's
+# initial threshold (128 KiB) would mmap it; fixed at 32 MiB it comes from the heap. Restored, it
+# is mmapped again, at the 128 KiB where a fresh process starts.
+_MMAP_PROBE = """
     if sys.argv[2] == "raise":
         libc.free(libc.malloc(4 << 20))
-    assert fix_mmap_threshold(sys.argv[1], checkpointing=sys.argv[3] == "checkpointing")
+    setup(sys.argv[1])
     before = libc.mallinfo2().hblkhd
     block = libc.malloc(2 << 20)
     mapped = libc.mallinfo2().hblkhd - before
     libc.free(block)
     print(json.dumps({"mmapped_bytes": mapped}))
-""")
+"""
 
 
-@pytest.mark.parametrize("dtype, checkpointing, start, mmapped",
-                         [("fp32", "-", "raise", True), ("bf16", "-", "initial", False), ("bf16", "checkpointing", "initial", False),
-                          ("fp32", "checkpointing", "raise", True)])
-def test_glibc_serves_a_2_mib_block_as_the_threshold_says(dtype, checkpointing, start, mmapped):
-    out = subprocess.run([sys.executable, "-c", _PROBE, dtype, start, checkpointing], capture_output=True, text=True, timeout=120)
-    if "mallinfo2" in out.stderr:
-        pytest.skip("glibc before 2.33 has no mallinfo2")
-    assert out.returncode == 0, out.stderr
-    mapped = json.loads(out.stdout.strip().splitlines()[-1])["mmapped_bytes"]
+@pytest.mark.parametrize("mode, start, mmapped", [
+    ("fp32", "raise", True), ("bf16", "initial", False), ("fp16", "raise", True), ("bf16-restored", "initial", True),
+])
+def test_glibc_serves_a_2_mib_block_as_the_threshold_says(mode, start, mmapped):
+    mapped = _probe(_MMAP_PROBE, mode, start)["mmapped_bytes"]
     assert (mapped >= 2 << 20) if mmapped else (mapped == 0), mapped
 
 
-# A freed 16 MiB heap block at the heap's top: handed back to the system (the heap shrinks, as
-# mallinfo2's arena shows) under glibc's 128 KiB trim threshold, kept in the reuse mode.
-_TRIM_PROBE = _PRELUDE + textwrap.dedent("""
-    if sys.argv[1] != "glibc":
-        dtype, _, checkpointing = sys.argv[1].partition("-")
-        assert fix_mmap_threshold(dtype, checkpointing=bool(checkpointing))
+# A freed 16 MiB heap block at the heap's top: handed back to the system (the heap shrinks) under
+# glibc's 128 KiB trim threshold, kept in bf16's reuse mode, handed back again once restored.
+_TRIM_PROBE = """
+    setup(sys.argv[1])
     libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: the 16 MiB block comes from the heap in every mode
     block = libc.malloc(16 << 20)
     grown = libc.mallinfo2().arena
     libc.free(block)
     print(json.dumps({"heap_given_back": grown - libc.mallinfo2().arena}))
-""")
+"""
 
 
-@pytest.mark.parametrize("mode, kept", [("glibc", False), ("bf16", True), ("bf16-checkpointing", True), ("fp32", False)])
+@pytest.mark.parametrize("mode, kept", [("glibc", False), ("bf16", True), ("fp32", False), ("bf16-restored", False)])
 def test_the_reuse_mode_keeps_the_heaps_freed_top(mode, kept):
-    out = subprocess.run([sys.executable, "-c", _TRIM_PROBE, mode], capture_output=True, text=True, timeout=120)
-    if "mallinfo2" in out.stderr:
-        pytest.skip("glibc before 2.33 has no mallinfo2")
-    assert out.returncode == 0, out.stderr
-    given_back = json.loads(out.stdout.strip().splitlines()[-1])["heap_given_back"]
+    given_back = _probe(_TRIM_PROBE, mode)["heap_given_back"]
     assert (given_back == 0) if kept else (given_back >= 15 << 20), given_back

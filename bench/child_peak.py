@@ -1,6 +1,6 @@
 """Run a command as this process's only child and print its peak memory as one JSON line.
 
-    python -m qlorakit.plan.child_peak COMMAND [ARG ...]
+    python bench/child_peak.py COMMAND [ARG ...]
 
     peak_bytes        getrusage(RUSAGE_CHILDREN).ru_maxrss: the child's exact peak resident set
     anon_mib, file_mib  RssAnon and RssFile of /proc/PID/status at the largest VmRSS sampled every
