@@ -39,6 +39,7 @@ def run_eval(args: argparse.Namespace, emit: Callable[[argparse.Namespace, dict,
     from pathlib import Path
 
     from qlorakit.eval.runner import evaluate, format_results
+    from qlorakit.files.atomic import write_json_atomic
 
     if args.data is None and not getattr(args, "lm_eval_tasks", None):
         raise ValueError("--data: give a data file to evaluate on (or --lm-eval-tasks)")
@@ -55,8 +56,7 @@ def run_eval(args: argparse.Namespace, emit: Callable[[argparse.Namespace, dict,
             result["metrics"].update(run_lm_eval(result["model"], args.lm_eval_tasks, progress=progress))
     if getattr(args, "out", None):
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json_atomic(out, payload)  # its directory made; an old file replaced only when this one is whole
         print(f"wrote {out}", file=sys.stderr)
     emit(args, payload, format_results(payload))
     return 0

@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from qlorakit.files.atomic import staged_directory, write_text_atomic
 
 # Architectures whose GGUF conversion permutes the rows of attn_q / attn_k (llama.cpp's
 # convert_hf_to_gguf "permute" for rotary embeddings stored interleaved).
@@ -73,17 +73,13 @@ def load_gguf_metadata(path: str | os.PathLike):
 
 
 def _write_metadata_cache(target: Path, config, tokenizer) -> None:
-    """Save config + tokenizer under a temporary name, then rename: never a half-written cache."""
+    """Save config + tokenizer under a temporary name, then rename: never a half-written cache; an
+    entry another process completed meanwhile is kept (it may be being read)."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "complete").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, target)
+        with staged_directory(target, replace=False) as staging:
+            config.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "complete").write_text("ok\n")
     except OSError:
         pass  # an unwritable cache only costs time
 
@@ -259,10 +255,7 @@ def tensor_index(path: str | os.PathLike) -> list[IndexedTensor]:
             for t in reader.tensors
         ]
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".tensors.{os.getpid()}.json")
-            tmp.write_text(json.dumps(entries))
-            os.replace(tmp, cache)
+            write_text_atomic(cache, json.dumps(entries))
         except OSError:
             pass  # an unwritable cache only costs time
     size = path.stat().st_size

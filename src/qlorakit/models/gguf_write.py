@@ -15,7 +15,6 @@ target directory and renamed at the end.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from qlorakit.files.atomic import staged_file
 from qlorakit.models import gguf_io
 from qlorakit.models.skeleton import build_skeleton
 from qlorakit.quant.base import QuantizedWeight
@@ -69,46 +69,37 @@ def write_gguf(reader, out_path: Path, tensors: list[PlannedTensor], overrides: 
         raise GGUFExportError("big-endian GGUF files are not supported")
     overrides = dict(overrides or {})
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.tmp-")
-    os.close(handle)
-    writer = GGUFWriter(tmp, gguf_io.architecture(reader))
-    try:
-        writer.data_alignment = reader.alignment
-        for field in reader.fields.values():
-            if field.name == "general.architecture" or field.name.startswith("GGUF."):
-                continue  # written by GGUFWriter itself
-            value, vtype, sub_type = field_value(field)
-            if field.name in overrides:
-                value, vtype = overrides.pop(field.name)
-            writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
-        for key, (value, vtype) in overrides.items():
-            writer.add_key_value(key, value, vtype)
-        for t in tensors:
-            writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, raw_dtype=t.ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tensors:  # one tensor in memory at a time
-            data = t.load()
-            if data.shape != t.shape or data.dtype != t.dtype:
-                raise GGUFExportError(f"{t.name}: produced {data.dtype} {data.shape}, planned {t.dtype} {t.shape}")
-            writer.write_tensor_data(data)
-        writer.close()
-        os.chmod(tmp, file_mode())  # mkstemp creates 0o600; give the file open()'s usual mode
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(out_path) as tmp:
+        writer = GGUFWriter(tmp, gguf_io.architecture(reader))
+        try:
+            _write_all(writer, reader, tensors, overrides)
+        finally:
+            writer.close()
     return out_path
 
 
-def file_mode() -> int:
-    """0o666 minus the process umask: the mode open() would have given a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _write_all(writer, reader, tensors: list[PlannedTensor], overrides: dict) -> None:
+    """Header, key-value fields (the reader's, then the new `overrides`), tensor infos, tensor data."""
+    writer.data_alignment = reader.alignment
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        value, vtype, sub_type = field_value(field)
+        if field.name in overrides:
+            value, vtype = overrides.pop(field.name)
+        writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
+    for key, (value, vtype) in overrides.items():
+        writer.add_key_value(key, value, vtype)
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, raw_dtype=t.ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:  # one tensor in memory at a time
+        data = t.load()
+        if data.shape != t.shape or data.dtype != t.dtype:
+            raise GGUFExportError(f"{t.name}: produced {data.dtype} {data.shape}, planned {t.dtype} {t.shape}")
+        writer.write_tensor_data(data)
 
 
 def copied_tensor(tensor) -> PlannedTensor:

@@ -10,7 +10,6 @@ from pytorch_model*.bin with torch.load(weights_only=True)); `trust_remote_code`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlorakit.dtypes import to_torch_dtype
+from qlorakit.files.atomic import staged_file
 from qlorakit.models import gguf_io
 from qlorakit.quant.registry import format_for_config
 from qlorakit.quant.replace import linear_layer_names
@@ -131,13 +131,11 @@ def _quantize_cached(model: nn.Module, fmt, path, cached, dtype: torch.dtype, qu
 
     quantize_model(model, fmt, dtype, quantize_lm_head, progress, cached=cached)
     if path is not None and cached is None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(quantized_tensors(model), str(tmp))
-            os.replace(tmp, path)
+            with staged_file(path) as tmp:
+                save_file(quantized_tensors(model), str(tmp))
         except Exception:  # an unwritable cache only costs time; the model is already quantized
-            tmp.unlink(missing_ok=True)
+            pass
 
 
 def _check_safetensors(source: ModelSource) -> None:
