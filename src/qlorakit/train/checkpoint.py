@@ -25,12 +25,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from qlorakit.files.atomic import move_into_place, new_staging_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -87,7 +88,7 @@ def save_checkpoint(run_dir: Path, step: int, adapter_state: dict, optimizer, da
     try:
         root.mkdir(parents=True, exist_ok=True)
         remove_staging(root)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
+        staging = new_staging_dir(final)  # checkpoints/.step-N.tmp-XXXX
         writing = final / "adapter_model.safetensors"  # named by where it is published: the staging name is gone after
         save_file(adapter_state, str(staging / writing.name))
         tensors, rest = _flatten_optimizer(optimizer.state_dict())
@@ -106,9 +107,7 @@ def save_checkpoint(run_dir: Path, step: int, adapter_state: dict, optimizer, da
                 os.fsync(handle.fileno())
         writing = final
         _fsync_dir(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        move_into_place(staging, final)
         _fsync_dir(root)  # ... and the rename itself
         return final
     except (OSError, SafetensorError) as error:
@@ -148,10 +147,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def remove_staging(root: Path) -> None:
-    """Delete .step-N.tmp-* directories under checkpoints/ left by a process killed mid-write
-    (only the run's single writer calls this: before it saves, and when it resumes)."""
-    for path in Path(root).glob(".step-*.tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    """Delete .step-N.tmp-* (and .step-N.old-*) directories under checkpoints/ left by a process
+    killed mid-write or mid-rename (only the run's single writer calls this: before it saves, and
+    when it resumes)."""
+    for pattern in (".step-*.tmp-*", ".step-*.old-*"):
+        for path in Path(root).glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
