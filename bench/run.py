@@ -232,7 +232,7 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 
 def format_table(r: dict) -> str:
-    """The README table: one row per figure."""
+    """The table of docs/performance.md: one row per figure."""
     t, rss, mfu = r["tokens_per_s"], r["peak_rss_mib"], r["mfu"]
     rows = [
         ("training tokens/s, qlorakit " + r["qlorakit_dtype"], t["qlorakit"], f"peak RSS {rss['qlorakit']} MiB, MFU {mfu['qlorakit']}"),

@@ -1,4 +1,4 @@
-"""Issue #9: the data readers raise DataError and nothing else, whatever bytes a file holds."""
+"""the data readers raise DataError and nothing else, whatever bytes a file holds."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue #9, safety: weights load only from safetensors and GGUF; a model's own Python code never
+"""Safety: weights load only from safetensors and GGUF; a model's own Python code never
 runs unless the user turns trust_remote_code on (qlorakit's CLI has no switch for it)."""
 
 from __future__ import annotations
