@@ -1,4 +1,4 @@
-"""the data readers raise DataError and nothing else, whatever bytes a file holds."""
+"""The data readers raise DataError and nothing else, whatever bytes a file holds."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""a truncated or corrupted GGUF raises qlorakit's GGUFError / ModelSourceError, never a raw
+"""A truncated or corrupted GGUF raises qlorakit's GGUFError / ModelSourceError, never a raw
 exception. The file is a small valid GGUF written with gguf-py's GGUFWriter (F32, F16, Q4_1, Q8_0
 tensors); hypothesis truncates it or flips bytes, then qlorakit reads it the way `load_model` does:
 open the reader, read the architecture, dequantize every tensor, wrap every block-format one."""

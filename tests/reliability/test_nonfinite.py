@@ -1,4 +1,4 @@
-"""a NaN/inf loss stops training with an error naming the step and keeps the last good
+"""A NaN/inf loss stops training with an error naming the step and keeps the last good
 checkpoint; train.skip_nonfinite: true skips such batches instead.
 
 The fault is injected through `qlorakit.train.loop._forward_loss`, the one function a step calls
