@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from qlorakit.files.atomic import check_output_file
 from qlorakit.files.lock import check_not_in_use
 from qlorakit.models import gguf_io
 from qlorakit.models.gguf_write import GGUFExportError, PlannedTensor, copied_tensor, gguf_tensor_names, write_gguf
@@ -95,9 +96,9 @@ def export_dense_to_gguf(
         overwrite: replace an existing `out_path` (only once the new file is complete).
 
     Raises:
+        OutputWriteError: `out_path` is a directory, or exists and `overwrite` is not set.
         GGUFExportError: unknown type, architecture other than llama, no source GGUF, or a source
-            whose shape (layers, width, vocabulary) differs from the directory's model, or an
-            existing `out_path` without `overwrite`.
+            whose shape (layers, width, vocabulary) differs from the directory's model.
     """
     from gguf import GGUFValueType, LlamaFileType
     from safetensors import safe_open
@@ -105,7 +106,7 @@ def export_dense_to_gguf(
 
     if type not in DENSE_TYPES:
         raise GGUFExportError(f"--type: unknown GGUF type {type!r}; choose one of {', '.join(DENSE_TYPES)}")
-    check_out_free(out_path, overwrite)
+    check_output_file(out_path, overwrite)  # before any work is done
     hf_model_dir = Path(hf_model_dir)
     _check_model_dir(hf_model_dir)
     config = AutoConfig.from_pretrained(hf_model_dir)
@@ -152,15 +153,6 @@ def export_dense_to_gguf(
         raise GGUFExportError(f"{hf_model_dir}: tensors with no place in {source.name}: {', '.join(extra[:3])}")
     file_type = {"f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_1": LlamaFileType.MOSTLY_Q4_1}[type]
     return write_gguf(reader, Path(out_path), planned, {"general.file_type": (int(file_type), GGUFValueType.UINT32)})
-
-
-def check_out_free(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an existing output (file or directory) unless `overwrite`, before any work is done."""
-    out = Path(out)
-    if out.is_dir():
-        raise GGUFExportError(f"{out}: is a directory; --out must name the .gguf file to write")
-    if out.exists() and not overwrite:
-        raise GGUFExportError(f"{out}: already exists; choose another --out or pass --overwrite to replace it")
 
 
 def _check_model_dir(path: Path) -> None:

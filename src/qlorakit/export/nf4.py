@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from qlorakit import metadata
-from qlorakit.files.atomic import staged_directory
+from qlorakit.files.atomic import check_output_dir, staged_directory
 from qlorakit.files.lock import check_not_in_use
 
 GROUP_SIZE = 64  # bitsandbytes' default blocksize for 4-bit
@@ -37,7 +37,7 @@ SKIP_FILES = ("config.json", "quantization.json", "merge_report.json", "model.sa
 
 
 class NF4ExportError(ValueError):
-    """The model cannot be exported as an nf4 checkpoint (not an HF directory, output exists)."""
+    """The model cannot be exported as an nf4 checkpoint (not an HF directory, already quantized)."""
 
 
 def layer_state(name: str, weight: Tensor, compute_dtype: torch.dtype) -> dict[str, Tensor]:
@@ -80,8 +80,8 @@ def export_nf4(model_dir: str | os.PathLike, out_dir: str | os.PathLike, compute
     """Write `model_dir` (an HF directory of 16/32-bit safetensors) as an nf4 checkpoint in `out_dir`.
 
     Raises:
-        NF4ExportError: `out_dir` exists (without overwrite) or is a file; `model_dir` is not an HF
-            directory with safetensors, or is already quantized.
+        OutputWriteError: `out_dir` is a file, or exists and is not empty (without overwrite).
+        NF4ExportError: `model_dir` is not an HF directory with safetensors, or is already quantized.
     """
     from safetensors.torch import save_file
     from transformers import AutoConfig, BitsAndBytesConfig
@@ -92,10 +92,7 @@ def export_nf4(model_dir: str | os.PathLike, out_dir: str | os.PathLike, compute
 
     model_dir, out = Path(model_dir), Path(out_dir)
     check_not_in_use(model_dir, model_dir.parent)  # a run still being written, or RUN/merged while RUN is
-    if out.exists() and not out.is_dir():
-        raise NF4ExportError(f"{out}: exists and is a file; --out must name a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise NF4ExportError(f"{out}: already exists; choose another --out or pass --overwrite to replace it")
+    check_output_dir(out, overwrite)
     if not (model_dir / "config.json").is_file():
         raise NF4ExportError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     raw_config = json.loads((model_dir / "config.json").read_text())

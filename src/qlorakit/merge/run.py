@@ -330,19 +330,12 @@ def merge_exact(
 
 def _check_exact_out(out: Path, fmt: str | None, overwrite: bool) -> None:
     """Refuse before any work an output that exists (without overwrite) or is of the wrong kind."""
-    from qlorakit.merge.write import MergeWriteError
+    from qlorakit.files.atomic import check_output_dir, check_output_file
 
-    if fmt == "gguf" and out.is_dir():
-        raise MergeWriteError(f"{out}: is a directory; a GGUF merge writes one .gguf file")
-    if fmt == "gguf" and out.exists() and not overwrite:
-        raise MergeWriteError(f"{out}: exists; choose another --out or pass --overwrite")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise MergeWriteError(f"{out}: cannot be created: {parent} is a file; choose another --out")
-    if fmt != "gguf" and out.is_file():
-        raise MergeWriteError(f"{out}: exists and is a file; choose another output directory")
-    if fmt != "gguf" and out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MergeWriteError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+    if fmt == "gguf":
+        check_output_file(out, overwrite)  # the merged GGUF is one file
+    else:
+        check_output_dir(out, overwrite)
 
 
 def _write_exact(loaded, merged, layers: list[str], out: Path, fmt: str, files: dict[str, dict], overwrite: bool) -> Path:
