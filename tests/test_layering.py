@@ -11,6 +11,7 @@ packages of one rank that do not import each other):
     2     kernels          memory-lean autograd functions
     3     adapters         LoRA, QA-LoRA, siblings
     4     models | data    siblings: loading, GGUF I/O | rows, templates, collation
+                           (data imports rank 0 only: text to token ids needs no model code)
     5     generation       decoding, over models and data (where present)
     6     train | merge | export | eval | plan     siblings
     7     pipeline         train, then merge
@@ -36,6 +37,7 @@ RANK = {
     "api": 9, "cli": 10, "__main__": 11,
 }
 SIBLING_RANKS = {4, 6}
+BOTTOM_ONLY = {"data"}  # packages that import nothing above rank 0
 
 
 def _module_name(path: Path) -> str:
@@ -99,12 +101,32 @@ def test_no_layer_imports_a_higher_one_and_siblings_stay_apart():
             continue
         if RANK[b] > RANK[a] or (RANK[b] == RANK[a] and RANK[a] in SIBLING_RANKS):
             wrong.append(f"{_shown(importer)}:{line}: {importer} imports {target}")
+        elif a in BOTTOM_ONLY and RANK[b] > 0:
+            wrong.append(f"{_shown(importer)}:{line}: {importer} imports {target} ({a} imports rank 0 only)")
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def _private_attributes(path: Path) -> list[tuple[int, str, str]]:
+    """(line, module, name) of every `alias._name` read where `alias` is a qlorakit module this file
+    imported (`import qlorakit.x as alias`, `from qlorakit import x`)."""
+    tree = ast.parse(path.read_text(), str(path))
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name.startswith("qlorakit")})
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qlorakit"):
+            aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
+                            if f"{node.module}.{a.name}" in MODULES})
+    return [(node.lineno, aliases[node.value.id], node.attr) for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+            and node.attr.startswith("_") and not node.attr.endswith("__")]
 
 
 def test_no_private_name_crosses_modules():
     wrong = [f"{_shown(importer)}:{line}: imports {n} from {target}"
              for importer, line, target, names in _edges() for n in names if n.startswith("_")]
+    wrong += [f"{_shown(importer)}:{line}: reads {module}.{name}"
+              for importer, path in MODULES.items() for line, module, name in _private_attributes(path)]
     assert not wrong, "private names used outside their module:\n" + "\n".join(wrong)
 
 
@@ -141,3 +163,21 @@ def test_the_checks_see_a_violation(tmp_path, monkeypatch):
     monkeypatch.setitem(MODULES, "qlorakit.quant.bad", fake)
     with pytest.raises(AssertionError, match=r"qlorakit\.quant\.bad imports qlorakit\.train\.loop"):
         test_no_layer_imports_a_higher_one_and_siblings_stay_apart()
+
+
+def test_the_checks_see_data_importing_above_rank_0(tmp_path, monkeypatch):
+    fake = tmp_path / "qlorakit" / "data" / "bad.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("from qlorakit.quant.base import QuantFormat\n")
+    monkeypatch.setitem(MODULES, "qlorakit.data.bad", fake)
+    with pytest.raises(AssertionError, match=r"qlorakit\.data\.bad imports qlorakit\.quant\.base \(data imports rank 0 only\)"):
+        test_no_layer_imports_a_higher_one_and_siblings_stay_apart()
+
+
+def test_the_checks_see_a_private_attribute_read(tmp_path, monkeypatch):
+    fake = tmp_path / "qlorakit" / "merge" / "bad.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("from qlorakit.models import gguf_io\n\ndef f(p):\n    return gguf_io._metadata_cache_dir(p)\n")
+    monkeypatch.setitem(MODULES, "qlorakit.merge.bad", fake)
+    with pytest.raises(AssertionError, match=r"bad\.py:4: reads qlorakit\.models\.gguf_io\._metadata_cache_dir"):
+        test_no_private_name_crosses_modules()
