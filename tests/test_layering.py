@@ -154,30 +154,30 @@ def test_no_import_cycle_between_modules():
             pytest.fail("import cycle: " + " -> ".join(cycle))
 
 
-def test_the_checks_see_a_violation(tmp_path, monkeypatch):
-    """The checker itself: a module of a low layer importing a higher one is reported."""
-    fake = tmp_path / "qlorakit" / "quant" / "bad.py"
+def _fake_module(tmp_path: Path, monkeypatch, dotted: str, source: str) -> Path:
+    """A module `dotted` (qlorakit.<package>.<name>) with `source`, added to the modules checked."""
+    fake = tmp_path.joinpath(*dotted.split(".")).with_suffix(".py")
     fake.parent.mkdir(parents=True)
-    fake.write_text("def f():\n    from qlorakit.train.loop import train\n")
-    assert _imports(fake) == [(2, "qlorakit.train.loop", ["train"])]
-    monkeypatch.setitem(MODULES, "qlorakit.quant.bad", fake)
-    with pytest.raises(AssertionError, match=r"qlorakit\.quant\.bad imports qlorakit\.train\.loop"):
-        test_no_layer_imports_a_higher_one_and_siblings_stay_apart()
+    fake.write_text(source)
+    monkeypatch.setitem(MODULES, dotted, fake)
+    return fake
 
 
-def test_the_checks_see_data_importing_above_rank_0(tmp_path, monkeypatch):
-    fake = tmp_path / "qlorakit" / "data" / "bad.py"
-    fake.parent.mkdir(parents=True)
-    fake.write_text("from qlorakit.quant.base import QuantFormat\n")
-    monkeypatch.setitem(MODULES, "qlorakit.data.bad", fake)
-    with pytest.raises(AssertionError, match=r"qlorakit\.data\.bad imports qlorakit\.quant\.base \(data imports rank 0 only\)"):
-        test_no_layer_imports_a_higher_one_and_siblings_stay_apart()
-
-
-def test_the_checks_see_a_private_attribute_read(tmp_path, monkeypatch):
-    fake = tmp_path / "qlorakit" / "merge" / "bad.py"
-    fake.parent.mkdir(parents=True)
-    fake.write_text("from qlorakit.models import gguf_io\n\ndef f(p):\n    return gguf_io._metadata_cache_dir(p)\n")
-    monkeypatch.setitem(MODULES, "qlorakit.merge.bad", fake)
-    with pytest.raises(AssertionError, match=r"bad\.py:4: reads qlorakit\.models\.gguf_io\._metadata_cache_dir"):
-        test_no_private_name_crosses_modules()
+@pytest.mark.parametrize("dotted, source, check, expected", [
+    ("qlorakit.quant.bad", "def f():\n    from qlorakit.train.loop import train\n", "layers",
+     r"qlorakit\.quant\.bad imports qlorakit\.train\.loop"),
+    ("qlorakit.data.bad", "from qlorakit.quant.base import QuantFormat\n", "layers",
+     r"qlorakit\.data\.bad imports qlorakit\.quant\.base \(data imports rank 0 only\)"),
+    ("qlorakit.merge.bad", "from qlorakit.models import gguf_io\n\ndef f(p):\n    return gguf_io._metadata_cache_dir(p)\n",
+     "private", r"bad\.py:4: reads qlorakit\.models\.gguf_io\._metadata_cache_dir"),
+])
+def test_the_checks_see_a_violation(tmp_path, monkeypatch, dotted, source, check, expected):
+    """The checker itself: a function-local import of a higher layer, data importing above rank 0,
+    and a private attribute read through an imported module are each reported."""
+    fake = _fake_module(tmp_path, monkeypatch, dotted, source)
+    if dotted == "qlorakit.quant.bad":
+        assert _imports(fake) == [(2, "qlorakit.train.loop", ["train"])]
+    test = {"layers": test_no_layer_imports_a_higher_one_and_siblings_stay_apart,
+            "private": test_no_private_name_crosses_modules}[check]
+    with pytest.raises(AssertionError, match=expected):
+        test()
