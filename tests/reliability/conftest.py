@@ -31,6 +31,21 @@ def other_model_dir(tmp_path_factory, smollm2_tokenizer):
 QA_ROWS = [{"instruction": f"What colour is item {i}?", "input": "", "output": f"Item {i} is red."} for i in range(8)]
 
 
+def one_step_run(root: Path, model_dir) -> Path:
+    """A finished one-step run of the tiny model under `root` (its data beside it); returns the run directory."""
+    from qlorakit.config import config_from_dict
+    from qlorakit.train.loop import train
+
+    data = write_jsonl(root / "train.jsonl", QA_ROWS)
+    cfg = config_from_dict({
+        "model": {"name": str(model_dir), "dtype": "fp32"}, "quant": {"method": "nf4"},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0}, "data": {"path": str(data), "max_length": 48},
+        "train": {"output_dir": str(root / "run"), "max_steps": 1, "batch_size": 2, "save_every": None},
+    })
+    train(cfg, progress=False)
+    return root / "run"
+
+
 def write_config(path: Path, model, data, output_dir, **sections) -> Path:
     """A small training config for the tiny model (2 steps, batch 2, fp32, nf4)."""
     cfg = {

@@ -11,23 +11,13 @@ import struct
 import pytest
 
 from qlorakit.cli import main
-from qlorakit.config import config_from_dict
 from qlorakit.files.safetensors_check import SafetensorsFileError, check_safetensors
-from qlorakit.train.loop import train
-from tests.reliability.conftest import QA_ROWS, write_jsonl
+from tests.reliability.conftest import QA_ROWS, one_step_run, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("input-first")
-    data = write_jsonl(root / "train.jsonl", QA_ROWS)
-    cfg = config_from_dict({
-        "model": {"name": str(tiny_model_dir), "dtype": "fp32"}, "quant": {"method": "nf4"},
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0}, "data": {"path": str(data), "max_length": 48},
-        "train": {"output_dir": str(root / "run"), "max_steps": 1, "batch_size": 2, "save_every": None},
-    })
-    train(cfg, progress=False)
-    return root / "run"
+    return one_step_run(tmp_path_factory.mktemp("input-first"), tiny_model_dir)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from qlorakit.config import config_from_dict
 from qlorakit.files.lock import LOCK_NAME, DirectoryInUseError, holder_of, lock_directory
 from qlorakit.train import loop
 from qlorakit.train.rundir import RunDirError, claim_output_dir, create_output_dir
-from tests.reliability.conftest import QA_ROWS, snapshot, write_config, write_jsonl
+from tests.reliability.conftest import QA_ROWS, one_step_run, snapshot, write_config, write_jsonl
 
 _HOLD = """
 import sys, time
@@ -50,15 +50,7 @@ def hold():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir):
     """A finished one-step run of the tiny model."""
-    root = tmp_path_factory.mktemp("locked-runs")
-    data = write_jsonl(root / "train.jsonl", QA_ROWS)
-    cfg = config_from_dict({
-        "model": {"name": str(tiny_model_dir), "dtype": "fp32"}, "quant": {"method": "nf4"},
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0}, "data": {"path": str(data), "max_length": 48},
-        "train": {"output_dir": str(root / "run"), "max_steps": 1, "batch_size": 2, "save_every": None},
-    })
-    loop.train(cfg, progress=False)
-    return root / "run"
+    return one_step_run(tmp_path_factory.mktemp("locked-runs"), tiny_model_dir)
 
 
 def _no_model_load(monkeypatch):
