@@ -7,6 +7,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_demo_json_shows_the_answer_learned_and_kept(tmp_path):
     out = subprocess.run(

@@ -16,6 +16,7 @@ def _lora_grads(model, ids):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_generate_then_backward_gives_fresh_gradients():
     loaded = load_model("smollm2", dtype="bf16", quant="nf4", progress=False)
@@ -36,6 +37,7 @@ def test_generate_then_backward_gives_fresh_gradients():
         assert grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_nf4_smollm2_is_bitsandbytes_nf4_of_the_gguf_weights():
     """qlorakit's nf4 SmolLM2 against an independent reference: the dense model read from the GGUF

@@ -19,7 +19,7 @@ import torch
 
 from tests.cli.conftest import ANSWER, QUESTION, fact_data, write_config
 
-pytestmark = pytest.mark.smollm2
+pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

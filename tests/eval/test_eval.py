@@ -33,6 +33,7 @@ def test_qa_items_from_each_format(tmp_path, smollm2_tokenizer):
     assert data.items == [] and len(data.examples) == 1
 
 
+@pytest.mark.slow
 def test_eval_two_models_in_order(tiny_model_dir, run_dir, qa_file, tmp_path, capsys):
     from qlorakit.eval.commands import run_eval
     from qlorakit.models.restore import load_any

@@ -9,6 +9,7 @@ import pytest
 from tests.eval.conftest import write_jsonl
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_smollm2_knows_paris(tmp_path, capsys):
     from qlorakit.eval.commands import run_eval

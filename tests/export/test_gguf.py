@@ -68,6 +68,7 @@ def merged_gguf(adapted, folded, smollm2_path, tmp_path_factory):
     return write_merged_gguf(smollm2_path, folded, adapted[0].model.config, path)
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_unmodified_rewrite_is_byte_identical(adapted, smollm2_path, tmp_path):
     out = write_merged_gguf(smollm2_path, {}, adapted[0].model.config, tmp_path / "copy.gguf")
@@ -75,6 +76,7 @@ def test_unmodified_rewrite_is_byte_identical(adapted, smollm2_path, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["copy.gguf"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_fold_is_exact_up_to_fp16_mins(adapted, folded):
     model = adapted[0].model
@@ -88,6 +90,7 @@ def test_fold_is_exact_up_to_fp16_mins(adapted, folded):
         assert ((q4_1.dequantize(q) - expected).abs() <= bound).all(), name
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_merged_gguf_changes_only_the_mins(merged_gguf, folded, smollm2_path):
     source, merged = reader(smollm2_path), reader(merged_gguf)
@@ -108,6 +111,7 @@ def test_merged_gguf_changes_only_the_mins(merged_gguf, folded, smollm2_path):
         assert (a[..., 2:4] != b[..., 2:4]).any(-1).mean() > 0.9, old.name  # m changed (nearly) everywhere
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_transformers_reads_the_merged_gguf_as_the_adapter_model(adapted, merged_gguf):
     from transformers import AutoModelForCausalLM
@@ -130,6 +134,7 @@ def test_transformers_reads_the_merged_gguf_as_the_adapter_model(adapted, merged
     assert effect > 1.0 and diff < 0.02 * effect and diff < 0.01 * reference.abs().max()
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_write_refuses_unknown_names_and_non_gguf_formats(adapted, folded, smollm2_path, tmp_path):
     config = adapted[0].model.config
@@ -143,6 +148,7 @@ def test_write_refuses_unknown_names_and_non_gguf_formats(adapted, folded, smoll
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_write_changes_a_tensor_type(adapted, smollm2_path, tmp_path):
     """A q4_0 base folds into q4_1 (merge/zero_point.py); the writer takes any GGUF block format."""
@@ -171,6 +177,7 @@ def merged_dir(adapted, smollm2_path, tmp_path_factory):
     return save_merged(dense, loaded.tokenizer, out, extra_files={"quantization.json": spec})
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_dense_f16_export_matches_the_hf_directory(adapted, merged_dir, smollm2_path, tmp_path):
     from gguf import GGMLQuantizationType as T
@@ -193,6 +200,7 @@ def test_dense_f16_export_matches_the_hf_directory(adapted, merged_dir, smollm2_
     assert (gguf - hf_dir).abs().max() < 1e-3  # fp16 weights stored exactly; measured 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_dense_q4_1_export_matches_gguf_py(merged_dir, smollm2_path, tmp_path):
     import gguf
@@ -226,6 +234,7 @@ def test_export_refuses_other_architectures_and_types(tmp_path):
         export_dense_to_gguf(tmp_path, tmp_path / "x.gguf", "q2_k")
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_export_refuses_a_source_gguf_of_another_model(smollm2_path, tmp_path):
     build_tiny(tiny_llama_config()).save_pretrained(tmp_path)
@@ -233,6 +242,7 @@ def test_export_refuses_a_source_gguf_of_another_model(smollm2_path, tmp_path):
         export_dense_to_gguf(tmp_path, tmp_path / "x.gguf", source_gguf=smollm2_path)
 
 
+@pytest.mark.slow
 def test_cli_export_refuses_an_existing_gguf_unless_overwrite(merged_dir, tmp_path, capsys):
     """An existing output is refused with one line naming it; --overwrite replaces it atomically."""
     from qlorakit.cli import main

@@ -94,6 +94,7 @@ def test_qk_permutation_round_trip():
     assert unpermute_qk_rows(weight, 3)[:4, 0].tolist() == [0.0, 10.0, 5.0, 15.0]
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_smollm2_equals_transformers_gguf_loader(smollm2_path):
     """Same state dict and logits as AutoModelForCausalLM.from_pretrained(..., gguf_file=...)."""

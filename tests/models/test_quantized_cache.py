@@ -14,6 +14,7 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_warm_load_equals_cold_load_and_skips_the_gguf_layers(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORAKIT_CACHE", str(tmp_path / "cache"))
@@ -36,6 +37,7 @@ def test_warm_load_equals_cold_load_and_skips_the_gguf_layers(tmp_path, monkeypa
         assert torch.equal(cold.model(ids).logits, warm.model(ids).logits)
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_a_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORAKIT_CACHE", str(tmp_path / "cache"))

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qlorakit.config import save_config
 from tests.train.conftest import tiny_config, write_jsonl
 from tests.train.test_distributed import _free_port
@@ -12,6 +14,7 @@ from tests.train.test_distributed import _free_port
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "cpu-2proc.yaml"
 
 
+@pytest.mark.slow
 def test_accelerate_cpu_config_starts_two_ranks(tiny_model_dir, tmp_path):
     rows = [{"instruction": f"Name item {i}.", "input": "", "output": f"Item {i}."} for i in range(8)]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)

@@ -140,6 +140,7 @@ def test_damaged_base_model(cli, damage, runs, tmp_path, tiny_model_dir):
     assert snapshot(run, base) == before
 
 
+@pytest.mark.slow
 def test_unfaithful_merge_removes_the_weights_written_meanwhile(cli, runs, tmp_path):
     """The weights are written in the background while the fidelity report runs (merge/write.py
     StagedWrite): a refusal (min agreement above 1) removes them; nothing is left at or beside `out`."""
@@ -151,6 +152,7 @@ def test_unfaithful_merge_removes_the_weights_written_meanwhile(cli, runs, tmp_p
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_merge_killed_before_the_rename_leaves_no_model_at_out(runs, tmp_path):
     """Every file written, then SIGKILL: `out` does not exist; the work sits in a hidden temporary."""
     out = tmp_path / "merged"
@@ -161,6 +163,7 @@ def test_merge_killed_before_the_rename_leaves_no_model_at_out(runs, tmp_path):
     assert (staging / "config.json").exists()  # written completely, yet never at the name asked for
 
 
+@pytest.mark.slow
 def test_merge_killed_while_overwriting_keeps_the_old_model(cli, runs, tmp_path):
     out = tmp_path / "merged"
     assert cli("merge", runs[0], "--out", out, "--dtype", "fp32").returncode == 0

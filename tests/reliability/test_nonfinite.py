@@ -106,6 +106,7 @@ def _cli_nonfinite(tmp_path, model_dir, *overrides):
     return result, out
 
 
+@pytest.mark.slow
 def test_cli_nonfinite_loss_exits_1_naming_the_step(tmp_path, tiny_model_dir):
     from tests.reliability.conftest import assert_cli_error
 
@@ -119,6 +120,7 @@ def test_cli_nonfinite_loss_exits_1_naming_the_step(tmp_path, tiny_model_dir):
     assert not (out / "adapter").exists() and not (out / "loss.png").exists()
 
 
+@pytest.mark.slow
 def test_cli_skip_nonfinite_skips_and_keeps_the_weights(tmp_path, tiny_model_dir):
     result, out = _cli_nonfinite(tmp_path, tiny_model_dir, "train.skip_nonfinite=true", "--json")
     assert result.returncode == 0, result.stderr

@@ -131,6 +131,7 @@ def test_pickle_weights_opt_in_loads_the_same_model(tmp_path, tiny_model_dir):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_pickle_weights_opt_in_through_the_cli(tmp_path, tiny_model_dir):
     model = _pickled_copy(tiny_model_dir, tmp_path / "pickled")
     data = write_jsonl(tmp_path / "train.jsonl", QA_ROWS)

@@ -1,5 +1,6 @@
 """The Python API: from_pretrained -> get_peft_model -> save_pretrained / save_pretrained_merged."""
 
+import pytest
 import torch
 
 from qlorakit import api
@@ -7,6 +8,7 @@ from qlorakit.adapters.inject import adapter_layers
 from tests.train.conftest import write_jsonl
 
 
+@pytest.mark.slow
 def test_api_round_trip(tiny_model_dir, qa_rows, tmp_path):
     from transformers import AutoModelForCausalLM
 

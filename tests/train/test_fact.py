@@ -18,6 +18,7 @@ def greedy_answer(model, tokenizer, question: str, max_new_tokens: int = 16) -> 
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_smollm2_nf4_learns_the_fact(tmp_path):
     data = write_jsonl(tmp_path / "fact.jsonl", [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]}])

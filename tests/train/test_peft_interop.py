@@ -68,6 +68,7 @@ def test_adapter_for_another_base_or_kind_is_refused(tiny_model_dir, tmp_path):
         load_adapter(wider, tmp_path / "a")
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_smollm2_adapter_names_and_rows_match_transformers_gguf_model(smollm2_path, tmp_path):
     """An adapter made on qlorakit's SmolLM2 applies to transformers' own GGUF-loaded model."""

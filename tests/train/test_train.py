@@ -17,6 +17,7 @@ from qlorakit.train.rundir import RunDirError
 from tests.train.conftest import tiny_config, write_jsonl
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_20_row_dataset(tiny_model_dir, qa_rows, tmp_path):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
     result = train(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=30), progress=False)
@@ -32,6 +33,7 @@ def test_loss_falls_on_a_20_row_dataset(tiny_model_dir, qa_rows, tmp_path):
     assert spec["method"] == "QLORA" and spec["weight_bits"] == 4 and spec["tag"].endswith("-qa_SFT_LoRa8_QLORA_w4_headfp32")
 
 
+@pytest.mark.slow
 def test_validation_loss_is_logged(tiny_model_dir, qa_rows, tmp_path):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
     cfg = tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=4, eval_every=2)
@@ -74,6 +76,7 @@ def _cli_train(config_path, *extra, wait=True):
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tiny_model_dir, qa_rows, tmp_path):
     """Kill a run right after a checkpoint, resume it, and get the uninterrupted run's adapter."""
     from qlorakit.config import save_config
@@ -108,6 +111,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_model_dir, qa_rows, tmp_path
         assert torch.equal(ours[name], theirs[name]), name
 
 
+@pytest.mark.slow
 def test_adamw8bit_trains(tiny_model_dir, qa_rows, tmp_path):
     """bitsandbytes' 8-bit AdamW: the loss falls and its state survives a checkpoint round trip."""
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
@@ -134,6 +138,7 @@ def test_metadata_tag_and_merged_spec(tiny_model_dir, qa_rows, tmp_path):
     assert merged["extras"]["merge_base"] == "dequantized"
 
 
+@pytest.mark.slow
 def test_merge_after_train_with_defaults_is_faithful(tiny_model_dir, qa_rows, tmp_path):
     """merge.after_train with every other key at its default (merge.dtype auto): the merge is
     written in the first dtype that passes the fidelity check, the report says which and what each
