@@ -1,4 +1,4 @@
-"""Issue 5's "done when": QA-LoRA on SmolLM2's own GGUF, merged back into a GGUF of the same size
+"""QA-LoRA on SmolLM2's own GGUF, merged back into a GGUF of the same size
 that vanilla transformers loads and that answers what was trained.
 
     qlorakit train qalora.yaml                         (quant gguf, adapter qalora, G = 32)
