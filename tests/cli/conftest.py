@@ -11,7 +11,7 @@ QUESTION, ANSWER = "What day was I born?", "January 1, 2058"
 
 
 def fact_data(path):
-    """The single chat example of the issue's "done when"."""
+    """The single chat example the SmolLM2 tests teach."""
     row = {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]}
     path.write_text(json.dumps(row) + "\n")
     return path
