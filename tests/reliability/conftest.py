@@ -46,6 +46,15 @@ def one_step_run(root: Path, model_dir) -> Path:
     return root / "run"
 
 
+def captured_error_line(capsys, code: int, command: str) -> str:
+    """The one error line an in-process `qlorakit COMMAND` printed (exit code 1, no traceback)."""
+    stdout, stderr = capsys.readouterr()
+    assert code == 1 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"qlorakit {command}: error: "), last
+    return last
+
+
 def write_config(path: Path, model, data, output_dir, **sections) -> Path:
     """A small training config for the tiny model (2 steps, batch 2, fp32, nf4)."""
     cfg = {

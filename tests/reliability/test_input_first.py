@@ -12,7 +12,7 @@ import pytest
 
 from qlorakit.cli import main
 from qlorakit.files.safetensors_check import SafetensorsFileError, check_safetensors
-from tests.reliability.conftest import QA_ROWS, one_step_run, write_jsonl
+from tests.reliability.conftest import QA_ROWS, captured_error_line, one_step_run, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -65,26 +65,18 @@ def _damaged_run(run_dir, tmp_path, case):
     return run, run / name, needle
 
 
-def _error_line(capsys, code: int, command: str) -> str:
-    stdout, stderr = capsys.readouterr()
-    assert code == 1 and "Traceback" not in stderr, stderr
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith(f"qlorakit {command}: error: "), last
-    return last
-
-
 @pytest.mark.parametrize("case", list(DAMAGES))
 def test_merge_checks_the_run_before_loading(case, run_dir, tmp_path, no_model_load, capsys):
     run, damaged, needle = _damaged_run(run_dir, tmp_path, case)
     out = tmp_path / "merged"
-    last = _error_line(capsys, main(["merge", str(run), "--out", str(out)]), "merge")
+    last = captured_error_line(capsys, main(["merge", str(run), "--out", str(out)]), "merge")
     assert str(damaged) in last and needle in last, last
     assert no_model_load == [] and not out.exists()
 
 
 def test_merge_of_a_sound_run_does_load(run_dir, tmp_path, no_model_load, capsys):
     """The check above is not vacuous: an undamaged run reaches the loader."""
-    last = _error_line(capsys, main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]), "merge")
+    last = captured_error_line(capsys, main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]), "merge")
     assert "a model was loaded" in last and len(no_model_load) == 1
 
 
@@ -92,14 +84,14 @@ def test_eval_checks_every_run_before_the_first_loads(run_dir, tmp_path, no_mode
     """The damaged run is the second one compared: it is refused before the first one loads."""
     run, damaged, _ = _damaged_run(run_dir, tmp_path, "adapter-truncated-half")
     data = write_jsonl(tmp_path / "eval.jsonl", QA_ROWS[:2])
-    last = _error_line(capsys, main(["eval", str(run_dir), "--compare", str(run), "--data", str(data)]), "eval")
+    last = captured_error_line(capsys, main(["eval", str(run_dir), "--compare", str(run), "--data", str(data)]), "eval")
     assert str(damaged) in last and "truncated" in last, last
     assert no_model_load == []
 
 
 def test_chat_checks_the_run_before_loading(run_dir, tmp_path, no_model_load, capsys):
     run, damaged, _ = _damaged_run(run_dir, tmp_path, "adapter-config-bad-json")
-    last = _error_line(capsys, main(["chat", str(run), "--prompt", "hi"]), "chat")
+    last = captured_error_line(capsys, main(["chat", str(run), "--prompt", "hi"]), "chat")
     assert str(damaged) in last and no_model_load == []
 
 

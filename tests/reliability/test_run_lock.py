@@ -18,7 +18,7 @@ from qlorakit.config import config_from_dict
 from qlorakit.files.lock import LOCK_NAME, DirectoryInUseError, holder_of, lock_directory
 from qlorakit.train import loop
 from qlorakit.train.rundir import RunDirError, claim_output_dir, create_output_dir
-from tests.reliability.conftest import QA_ROWS, one_step_run, snapshot, write_config, write_jsonl
+from tests.reliability.conftest import QA_ROWS, captured_error_line, one_step_run, snapshot, write_config, write_jsonl
 
 _HOLD = """
 import sys, time
@@ -65,20 +65,12 @@ def _no_model_load(monkeypatch):
     return calls
 
 
-def _error_line(capsys, code: int, command: str) -> str:
-    stdout, stderr = capsys.readouterr()
-    assert code == 1 and "Traceback" not in stderr, stderr
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith(f"qlorakit {command}: error: "), last
-    return last
-
-
 def test_second_train_fails_at_once_naming_the_holder(tmp_path, tiny_model_dir, hold, monkeypatch, capsys):
     out = tmp_path / "run"
     holder = hold(out)
     config = write_config(tmp_path / "config.yaml", tiny_model_dir, write_jsonl(tmp_path / "train.jsonl", QA_ROWS), out)
     calls = _no_model_load(monkeypatch)
-    last = _error_line(capsys, main(["train", str(config), "--no-progress"]), "train")
+    last = captured_error_line(capsys, main(["train", str(config), "--no-progress"]), "train")
     assert "train.output_dir" in last and str(out) in last and f"pid {holder.pid}" in last and "python -c" in last, last
     assert calls == []  # refused before any model load
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # the holder's, untouched
@@ -93,7 +85,7 @@ def test_overwrite_of_a_run_in_use_is_refused_and_deletes_nothing(run_dir, tmp_p
     holder = hold(run)
     config = write_config(tmp_path / "config.yaml", tiny_model_dir, write_jsonl(tmp_path / "train.jsonl", QA_ROWS), run)
     calls = _no_model_load(monkeypatch)
-    last = _error_line(capsys, main(["train", str(config), "--overwrite", "--no-progress"]), "train")
+    last = captured_error_line(capsys, main(["train", str(config), "--overwrite", "--no-progress"]), "train")
     assert f"pid {holder.pid}" in last and "in use" in last and "already holds a run" not in last, last
     assert calls == []
     after = snapshot(run)
@@ -130,7 +122,7 @@ def test_reading_a_run_in_use_is_refused(command, run_dir, tmp_path, hold, monke
         "export": ["export", str(run / "merged"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")],
     }[command]
     calls = _no_model_load(monkeypatch)
-    last = _error_line(capsys, main(argv), command)
+    last = captured_error_line(capsys, main(argv), command)
     assert f"{run} is still being written by pid {holder.pid}" in last, last
     assert calls == [] and not (tmp_path / "merged").exists() and not (tmp_path / "m.gguf").exists()
 
