@@ -58,6 +58,15 @@ def smollm2_path():
     return smollm2_gguf_path()
 
 
+@pytest.fixture(scope="session")
+def gemma3_path():
+    """Gemma 3 270M Q4_K_M, assembled once from its PyPI packages into the cache directory."""
+    from qlorakit.files.cache import cache_root
+    from qlorakit.models.embedded import gemma3_gguf_path
+
+    return gemma3_gguf_path(cache_root())
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", parents=[common], help="parameter counts and memory before loading any weights")
     p.add_argument("model", help="smollm2, a .gguf file, a HF directory, a config-only directory or a hub id")
-    p.add_argument("--quant", default="nf4", help="nf4 | fp4 | int4 | none (default nf4)")
+    p.add_argument("--quant", default=None, help="nf4 | fp4 | int4 | none | gguf (default: gguf for a .gguf file, its own formats; else nf4)")
     p.add_argument("--group-size", type=int, default=None, help="block/group size of the format")
     p.add_argument("--no-double-quant", action="store_true", help="nf4/fp4 without double quantization")
     p.add_argument("--dtype", default="bf16", help="16-bit dtype of the other parameters (bf16 | fp16 | fp32)")

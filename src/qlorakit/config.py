@@ -115,7 +115,8 @@ class DataConfig(_Section):
     format: str = "auto"
     """Row layout: alpaca, chat, prompt-completion, text, or auto (guessed from the first row's keys)."""
     template: str = "auto"
-    """Row -> text: auto (tokenizer's chat template, else alpaca), alpaca, chat, or a registered template name."""
+    """Row -> text: auto, alpaca, chat (the tokenizer's own chat template), plain, or a chat format given to a
+    tokenizer that has none: chatml, gemma (data/templates.py, data/chat_formats.py)."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens. Off: prompt labels are -100, so only answers are learned."""
     max_length: int = 512

@@ -17,9 +17,10 @@ from torch import nn
 
 from qlorakit.adapters.inject import find_targets
 from qlorakit.dtypes import to_torch_dtype
+from qlorakit.models import gguf_io
 from qlorakit.models.load import build_skeleton, load_config
-from qlorakit.models.sources import resolve_source
-from qlorakit.quant.registry import format_for_config
+from qlorakit.models.sources import ModelSourceError, resolve_source
+from qlorakit.quant.registry import format_for_config, get_format
 from qlorakit.quant.replace import linear_layer_names
 
 MIB = 1024 * 1024
@@ -58,6 +59,8 @@ class InspectReport:
     all_parameters: int
     trainable_percent: float
     modules: list[ModuleGroup] = field(default_factory=list)
+    # GGUF sources: per tensor type of the file, {"type", "tensors", "parameters", "bytes"}.
+    file_types: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +68,7 @@ class InspectReport:
 
 def inspect_model(
     source: str,
-    quant: str = "nf4",
+    quant: str | None = None,
     dtype: str = "bf16",
     lora_r: int | None = 16,
     lora_targets: str | list[str] = "all-linear",
@@ -73,15 +76,22 @@ def inspect_model(
     double_quant: bool = True,
     quantize_lm_head: bool = False,
 ) -> InspectReport:
+    """quant: a format key, "none", or "gguf" (a GGUF file's own formats, tensor by tensor); the
+    default is "gguf" for a .gguf file and "nf4" otherwise."""
     resolved = resolve_source(source)
+    quant = quant or ("gguf" if resolved.kind == "gguf" else "nf4")
+    if quant == "gguf" and resolved.kind != "gguf":
+        raise ModelSourceError(f"--quant gguf counts a GGUF file's own formats, but {resolved.spec} is not a .gguf file")
     config = load_config(resolved)
     torch_dtype = to_torch_dtype(dtype)
     model = build_skeleton(config, torch_dtype, device="meta")
     fmt = format_for_config(quant, group_size, double_quant)
-    quantized_names = set(linear_layer_names(model, include_head=quantize_lm_head)) if fmt else set()
+    file_formats = gguf_io.linear_formats(resolved.location, model) if quant == "gguf" else {}
+    linear = set(linear_layer_names(model, include_head=quantize_lm_head))
+    formats = {name: fmt for name in linear} if fmt else {name: get_format(file_formats[name]) for name in linear & set(file_formats)}
     element = torch_dtype.itemsize
 
-    groups: OrderedDict[tuple[str, str], ModuleGroup] = OrderedDict()
+    groups: OrderedDict[tuple[str, str, str], ModuleGroup] = OrderedDict()
     seen: set[int] = set()
     total = quantized = before = after = stats = 0
     for name, module in model.named_modules():
@@ -90,12 +100,12 @@ def inspect_model(
             continue
         seen.update(id(p) for p in own)
         count = sum(p.numel() for p in own)
-        is_quantized = name in quantized_names
+        is_quantized = name in formats
         nbytes = count * element
         if is_quantized:
             weight = module.weight
             out_f, in_f = weight.shape if isinstance(module, nn.Linear) else tuple(reversed(weight.shape))
-            code_bytes, stat_bytes = fmt.storage_bytes(out_f, in_f)
+            code_bytes, stat_bytes = formats[name].storage_bytes(out_f, in_f)
             bias = count - weight.numel()
             nbytes = code_bytes + bias * element
             stats += stat_bytes
@@ -104,11 +114,12 @@ def inspect_model(
         before += count * element
         after += nbytes
         leaf = name.rsplit(".", 1)[-1] or type(module).__name__
-        key = (leaf, type(module).__name__)
+        stored_as = formats[name].name if is_quantized else dtype
+        key = (leaf, type(module).__name__, stored_as)  # a GGUF mix (q4_k and q6_k ffn_down) shows as two rows
         group = groups.get(key)
         shape = list(own[0].shape)
         if group is None:
-            groups[key] = ModuleGroup(leaf, type(module).__name__, 1, [shape], fmt.name if is_quantized else dtype, is_quantized, count, nbytes)
+            groups[key] = ModuleGroup(leaf, type(module).__name__, 1, [shape], stored_as, is_quantized, count, nbytes)
         else:
             group.count += 1
             group.parameters += count
@@ -143,15 +154,17 @@ def inspect_model(
         all_parameters=all_parameters,
         trainable_percent=100.0 * trainable / all_parameters if all_parameters else 0.0,
         modules=list(groups.values()),
+        file_types=gguf_io.type_breakdown(resolved.location) if resolved.kind == "gguf" else [],
     )
 
 
 def format_report(report: InspectReport) -> str:
     """Human-readable tables of an InspectReport."""
+    stored = "in the file's own formats" if report.quant == "gguf" else f"quantized to {report.quant}"
     lines = [
         f"model        {report.model} ({report.architecture}, {report.source_kind})",
         f"parameters   {report.total_parameters:,} base"
-        + (f" ({report.quantized_parameters:,} quantized to {report.quant})" if report.quantized_parameters else ""),
+        + (f" ({report.quantized_parameters:,} {stored})" if report.quantized_parameters else ""),
         "",
         f"{'module':<26}{'type':<14}{'count':>6}  {'shape':<24}{'dtype':<7}{'params':>14}{'MiB':>10}",
     ]
@@ -164,6 +177,10 @@ def format_report(report: InspectReport) -> str:
         f"             {report.memory_mib_after:,.2f} MiB after ({report.quant} linear weights + {report.dtype} other parameters)"
         + (f" + {report.memory_mib_quant_stats:.2f} MiB quantization statistics" if report.memory_mib_quant_stats else ""),
     ]
+    if report.file_types:
+        lines += ["", f"{'GGUF type':<12}{'tensors':>8}{'params':>14}{'MiB':>10}"]
+        lines += [f"{t['type']:<12}{t['tensors']:>8}{t['parameters']:>14,}{t['bytes'] / MIB:>10.2f}" for t in report.file_types]
+        lines.append("")
     if report.lora_r:
         targets = report.lora_targets if isinstance(report.lora_targets, str) else ",".join(report.lora_targets)
         lines += [

@@ -177,8 +177,8 @@ def test_ggml_type_mapping_round_trips():
         assert format_for_ggml_type(ggml_type_for_format(name)) == name
         assert get_format(name).ggml_type == ggml_type_for_format(name).name
     assert format_for_ggml_type(int(GGMLQuantizationType.Q4_1)) == "q4_1"
-    with pytest.raises(QuantizationError, match="Q4_K is not supported"):
-        format_for_ggml_type(GGMLQuantizationType.Q4_K)
+    with pytest.raises(QuantizationError, match="IQ2_XS is not supported"):
+        format_for_ggml_type(GGMLQuantizationType.IQ2_XS)
 
 
 def test_importing_formats_does_not_import_gguf():

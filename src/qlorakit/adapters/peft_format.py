@@ -67,8 +67,13 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str, dropout: fl
     return config.to_dict()
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str, dropout: float) -> None:
-    """Write adapter_config.json and adapter_model.safetensors into `directory`."""
+CHAT_TEMPLATE_NAME = "chat_template.jinja"  # transformers' file name; beside the adapter, the format it was trained in
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str, dropout: float,
+                 chat_template: str | None = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into `directory`, and chat_template.jinja
+    when the run gave the tokenizer a chat template its base did not have (data/chat_formats.py)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -79,6 +84,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     config["task_type"] = "CAUSAL_LM"
     save_file(adapter_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if chat_template is not None:
+        (directory / CHAT_TEMPLATE_NAME).write_text(chat_template)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:

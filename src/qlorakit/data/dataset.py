@@ -18,7 +18,8 @@ from qlorakit.data.collate import pack_examples
 from qlorakit.data.errors import DataError
 from qlorakit.data.formats import resolve_format, validate_rows
 from qlorakit.data.read import read_rows
-from qlorakit.data.templates import make_renderer, resolve_template
+from qlorakit.data.chat_formats import CHAT_FORMATS
+from qlorakit.data.templates import choose_template, make_renderer
 from qlorakit.data.tokenize import TokenizeReport, tokenize_rows
 
 
@@ -29,7 +30,8 @@ class DataReport:
     Attributes:
         source: path or hub id.
         format: resolved row format (alpaca, chat, prompt-completion, text).
-        template: resolved template (alpaca, chat, plain).
+        template: resolved template (alpaca, chat, plain, or a chat format given to the tokenizer:
+            chatml, gemma).
         rows_read: rows in the source (all validated).
         train_rows / val_rows: rows selected for each split, before dropping fully masked ones.
         train / val: tokenization reports (``val`` is None without a validation split).
@@ -56,7 +58,8 @@ class DataReport:
         t = self.train
         masked = len(t.masked_rows) + (len(self.val.masked_rows) if self.val else 0)
         text = (
-            f"{self.source}: {self.train_rows + self.val_rows} {self.format} rows (template {self.template}) → "
+            f"{self.source}: {self.train_rows + self.val_rows} {self.format} rows (template {self.template}"
+            f"{', given to the tokenizer as its chat template' if self.template in CHAT_FORMATS else ''}) → "
             f"{self.train_rows} train / {self.val_rows} val; {t.tokens:,} train tokens, {t.trainable_tokens:,} "
             f"trainable; {t.truncated_rows} truncated ({t.tokens_lost:,} tokens lost); {masked} fully masked"
         )
@@ -124,7 +127,7 @@ def build_datasets(
     table = read_rows(path)
     fmt = resolve_format(table, format)
     rows = validate_rows(table, fmt)
-    tmpl = resolve_template(template, fmt, tokenizer)
+    tmpl = choose_template(template, fmt, tokenizer)  # a chat format is given to the tokenizer; the run saves it
     render = make_renderer(tmpl, fmt, tokenizer)
 
     order = list(range(len(rows)))

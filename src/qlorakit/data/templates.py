@@ -11,12 +11,17 @@ is taken on (the response), the rest is context (instruction, user turns, templa
 
 ``auto`` picks ``alpaca`` for alpaca rows, ``chat`` for chat rows, ``chat`` for prompt-completion
 rows when the tokenizer has a chat template (else ``plain``), and ``plain`` for text rows.
+
+``chatml`` and ``gemma`` render like ``chat`` with that chat format given to the tokenizer
+(data/chat_formats.py); ``auto`` on chat rows with a tokenizer that has no chat template gives it
+the family's own format (``gemma``) or ``chatml``, and says so. ``chat`` itself never invents one.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+from qlorakit.data.chat_formats import CHAT_FORMATS, family_chat_format, give_chat_format
 from qlorakit.data.errors import DataError
 
 Segment = tuple[str, bool]  # (text, trainable)
@@ -42,26 +47,38 @@ TEMPLATE_FORMATS = {
 
 
 def resolve_template(template: str, format: str, tokenizer) -> str:
-    """The concrete template name for ``template`` (maybe ``"auto"``) and rows of ``format``."""
+    """The concrete template name for ``template`` (maybe ``"auto"``) and rows of ``format``: alpaca,
+    chat, plain, or a chat format (chatml, gemma) the caller gives the tokenizer (`give_chat_format`)."""
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if template == "auto":
         template = {"alpaca": "alpaca", "chat": "chat", "text": "plain"}.get(format) or ("chat" if has_chat else "plain")
-    if template not in TEMPLATE_FORMATS:
-        raise DataError(f"data.template: unknown template {template!r}; expected auto, {', '.join(TEMPLATE_FORMATS)}")
-    if format not in TEMPLATE_FORMATS[template]:
-        raise DataError(
-            f"data.template: template {template!r} cannot render {format} rows; it accepts {', '.join(TEMPLATE_FORMATS[template])}"
-        )
+        if template == "chat" and not has_chat:
+            template = family_chat_format(tokenizer)
+    known = [*TEMPLATE_FORMATS, *CHAT_FORMATS]
+    if template not in known:
+        raise DataError(f"data.template: unknown template {template!r}; expected auto, {', '.join(known)}")
+    accepts = TEMPLATE_FORMATS.get(template, TEMPLATE_FORMATS["chat"])
+    if format not in accepts:
+        raise DataError(f"data.template: template {template!r} cannot render {format} rows; it accepts {', '.join(accepts)}")
     if template == "chat" and not has_chat:
-        raise DataError("data.template: the tokenizer has no chat template; set data.template to alpaca or plain")
+        raise DataError("data.template: the tokenizer has no chat template; set data.template to chatml, gemma, alpaca or plain")
     return template
+
+
+def choose_template(template: str, format: str, tokenizer) -> str:
+    """`resolve_template`, and the chat format it names (chatml, gemma) given to the tokenizer as
+    its chat template: what training and evaluation both call, so they render alike."""
+    resolved = resolve_template(template, format, tokenizer)
+    if resolved in CHAT_FORMATS:
+        give_chat_format(tokenizer, resolved)
+    return resolved
 
 
 def make_renderer(template: str, format: str, tokenizer) -> Renderer:
     """A function rendering one normalised ``format`` row with the (resolved) ``template``."""
     eos = tokenizer.eos_token or ""
     bos = _default_bos(tokenizer)
-    if template == "chat":
+    if template == "chat" or template in CHAT_FORMATS:  # a chat format is already the tokenizer's template
         return lambda row, where: chat_segments(_to_messages(row, format), tokenizer, where)
     if template == "alpaca":
         def alpaca(row: dict, where: str) -> list[Segment]:

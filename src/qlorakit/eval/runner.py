@@ -64,11 +64,11 @@ def read_eval_rows(path: str) -> EvalRows:
 
 def load_eval_data(path: str | EvalRows, tokenizer, max_length: int | None = 1024) -> EvalData:
     """Rows of `path` as perplexity examples (template + training masks) and QA items."""
-    from qlorakit.data.templates import make_renderer, resolve_template
+    from qlorakit.data.templates import choose_template, make_renderer
     from qlorakit.data.tokenize import tokenize_rows
 
     rows = path if isinstance(path, EvalRows) else read_eval_rows(path)
-    render = make_renderer(resolve_template("auto", rows.format, tokenizer), rows.format, tokenizer)
+    render = make_renderer(choose_template("auto", rows.format, tokenizer), rows.format, tokenizer)
     rendered = [render(row, w) for row, w in zip(rows.rows, rows.where)]
     examples, _ = tokenize_rows(rendered, rows.where, tokenizer, max_length=max_length, require_trainable=False, source=rows.source)
     return EvalData(rows.source, examples, rows.items)

@@ -347,7 +347,8 @@ def _write_exact(loaded, merged, layers: list[str], out: Path, fmt: str, files: 
     from qlorakit.models.gguf_write import write_merged_gguf
 
     new_weights = {name: merged.get_submodule(name).qweight for name in layers}  # transformers row order
-    write_merged_gguf(loaded.source.location, new_weights, merged.config, out)
+    write_merged_gguf(loaded.source.location, new_weights, merged.config, out,
+                      chat_template=getattr(loaded.tokenizer, "chat_template", None))
     for name, path in sidecar_paths(out).items():
         metadata.write_json_atomic(path, files[name])
     return out

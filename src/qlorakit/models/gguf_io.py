@@ -22,26 +22,29 @@ import torch
 from torch import Tensor, nn
 
 from qlorakit.files.atomic import staged_directory, write_text_atomic
+from qlorakit.files.cache import cache_root
 
 # Architectures whose GGUF conversion permutes the rows of attn_q / attn_k (llama.cpp's
 # convert_hf_to_gguf "permute" for rotary embeddings stored interleaved).
 QK_PERMUTED_ARCHITECTURES = {"llama", "mistral"}
-SUPPORTED_ARCHITECTURES = QK_PERMUTED_ARCHITECTURES | {"qwen2", "qwen3", "gemma", "phi3"}
+SUPPORTED_ARCHITECTURES = QK_PERMUTED_ARCHITECTURES | {"qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"}
+# Architectures whose RMSNorm scales by (1 + w): llama.cpp's converter stores 1 + w in the GGUF
+# (the factor itself), transformers keeps w.
+NORM_PLUS_ONE_ARCHITECTURES = {"gemma2", "gemma3_text"}
+
+
+METADATA_CACHE_VERSION = 2  # bump when what is derived from a file's metadata changes
 
 
 class GGUFError(ValueError):
     """The GGUF file cannot be read (truncated, corrupted, unsupported)."""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("QLORAKIT_CACHE", Path.home() / ".cache" / "qlorakit"))
-
-
 def _metadata_cache_dir(path: Path) -> Path:
     import transformers
 
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|v{METADATA_CACHE_VERSION}"
     return cache_root() / "gguf-metadata" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
@@ -68,8 +71,22 @@ def load_gguf_metadata(path: str | os.PathLike):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as error:  # transformers raises many kinds on a bad file
         raise GGUFError(f"{path}: cannot read GGUF metadata ({type(error).__name__}: {error})") from error
+    _set_head_dim_from_tensors(path, config)
     _write_metadata_cache(cached, config, tokenizer)
     return config, tokenizer
+
+
+def _set_head_dim_from_tensors(path: Path, config) -> None:
+    """head_dim = rows of blk.0.attn_q / attention heads, where the config has a head_dim that says
+    otherwise: transformers' GGUF config map leaves `attention.key_length` out for some
+    architectures (qwen3), which then get the config class's default (128) whatever the file holds."""
+    if getattr(config, "head_dim", None) is None:
+        return
+    query = next((t for t in tensor_index(path) if t.name == "blk.0.attn_q.weight"), None)
+    if query is not None and len(query.shape) == 2:
+        rows = int(query.shape[1])  # ne1 = out_features
+        if rows % config.num_attention_heads == 0:
+            config.head_dim = rows // config.num_attention_heads
 
 
 def _write_metadata_cache(target: Path, config, tokenizer) -> None:
@@ -132,6 +149,12 @@ def architecture(reader) -> str:
         raise GGUFError(f"{path}: no readable general.architecture field (a corrupted GGUF?)") from None
 
 
+def chat_template(reader) -> str | None:
+    """The file's `tokenizer.chat_template`, or None when it has none."""
+    field = reader.fields.get("tokenizer.chat_template")
+    return None if field is None else bytes(field.parts[field.data[0]]).decode()
+
+
 # transformers model_type -> gguf-py architecture name, where they differ.
 _GGUF_ARCH_NAMES = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3", "cohere": "command-r"}
 
@@ -190,6 +213,12 @@ def qk_heads(hf_name: str, config) -> int | None:
     if hf_name.endswith("k_proj.weight"):
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return None
+
+
+def stored_norm_offset(hf_name: str, config) -> float:
+    """What the GGUF adds to transformers' value of this tensor: 1.0 for the norm weights of the
+    (1 + w) architectures (every "*norm.weight", q/k norms included), else 0.0."""
+    return 1.0 if config.model_type in NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight") else 0.0
 
 
 def dense_tensor(path: Path, reader_tensor) -> Tensor:
@@ -266,6 +295,40 @@ def tensor_index(path: str | os.PathLike) -> list[IndexedTensor]:
         except (ValueError, KeyError, OSError) as error:
             raise GGUFError(f"{path}: tensor {e.get('name')} does not fit in the file ({size} bytes): truncated? ({error})") from None
     return tensors
+
+
+def linear_formats(path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
+    """transformers module name -> qlorakit format key ("q4_k", "q5_0", ...) of every weight tensor
+    of the GGUF file at `path` stored in a format qlorakit keeps (header only; F32/F16 tensors and
+    unknown names are left out)."""
+    from qlorakit.quant.gguf_types import GGML_TYPE_TO_FORMAT
+
+    names = gguf_to_hf_names(model)
+    formats = {}
+    for tensor in tensor_index(path):
+        fmt = GGML_TYPE_TO_FORMAT.get(tensor.tensor_type.name)
+        hf_name = names.get(tensor.name)
+        if fmt and hf_name and hf_name.endswith(".weight"):
+            formats[hf_name.removesuffix(".weight")] = fmt
+    return formats
+
+
+def type_breakdown(path: str | os.PathLike) -> list[dict]:
+    """Per GGUF tensor type of the file at `path`: {"type": "q4_k", "tensors", "parameters", "bytes"},
+    largest share of the file first (header only; bytes as stored)."""
+    from gguf import GGML_QUANT_SIZES
+
+    totals: dict[str, dict] = {}
+    for tensor in tensor_index(path):
+        values = 1
+        for n in tensor.shape.tolist():
+            values *= int(n)
+        block, type_size = GGML_QUANT_SIZES[tensor.tensor_type]
+        entry = totals.setdefault(tensor.tensor_type.name.lower(), {"type": tensor.tensor_type.name.lower(), "tensors": 0, "parameters": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += values
+        entry["bytes"] += values // block * type_size
+    return sorted(totals.values(), key=lambda e: -e["bytes"])
 
 
 QUANT_CACHE_VERSION = 1  # bump when a format's quantize() output changes

@@ -132,7 +132,8 @@ def gguf_tensor_names(config) -> dict[str, str]:
 
 
 def write_merged_gguf(
-    source_gguf: str | os.PathLike, new_weights: dict[str, QuantizedWeight], config, out_path: str | os.PathLike
+    source_gguf: str | os.PathLike, new_weights: dict[str, QuantizedWeight], config, out_path: str | os.PathLike,
+    chat_template: str | None = None,
 ) -> Path:
     """Rewrite `source_gguf` to `out_path` with the weights of `new_weights` replaced (module docstring).
 
@@ -142,6 +143,8 @@ def write_merged_gguf(
             weight in transformers row order, e.g. from `merge.zero_point.fold_qalora_into_base`.
         config: the model's transformers config (architecture, head counts for the q/k permutation).
         out_path: the file to write (may be `source_gguf` itself: it is replaced only at the end).
+        chat_template: written as `tokenizer.chat_template` where it differs from the source's (a
+            chat format training gave a base model's tokenizer); None keeps the source's field.
 
     Returns:
         out_path.
@@ -167,4 +170,9 @@ def write_merged_gguf(
         planned.append(quantized_tensor(tensor.name, q, gguf_io.qk_heads(hf_name, config)))
     if pending:
         raise GGUFExportError(f"{source_gguf}: no tensor for {', '.join(sorted(pending)[:3])}; keys must be transformers module names")
-    return write_gguf(reader, Path(out_path), planned)
+    overrides = {}
+    if chat_template is not None and chat_template != gguf_io.chat_template(reader):
+        from gguf import GGUFValueType
+
+        overrides["tokenizer.chat_template"] = (chat_template, GGUFValueType.STRING)
+    return write_gguf(reader, Path(out_path), planned, overrides)

@@ -209,13 +209,15 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
                skip: set[str] = frozenset()) -> nn.Module:
     """Build the architecture from the GGUF metadata and fill it from the file's tensors.
 
-    keep_blocks: linear layers whose GGUF tensor is in a supported block format (q4_0, q4_1,
-    q5_0, q5_1, q8_0) become QuantLinear layers over the file's own bytes (rows of attn_q/attn_k
-    moved into transformers' order); everything else is dequantized to `dtype`.
+    keep_blocks: linear layers become QuantLinear layers over the file's own bytes, in the
+    tensor's own format (q4_0 ... q8_0, q2_k ... q6_k; rows of attn_q/attn_k moved into
+    transformers' order); a linear layer in a quantized type qlorakit cannot keep is refused,
+    naming the tensor, never silently dequantized. Without keep_blocks, and for every other tensor
+    (embeddings, norms, an untied output head), the tensor is dequantized to `dtype`.
     skip: linear layers whose weight is left on the meta device, unread (a bias is still read);
     the caller replaces them (cached quantized codes need only the weight's shape).
     """
-    from qlorakit.quant.gguf_types import GGML_TYPE_TO_FORMAT
+    from qlorakit.quant.gguf_types import DENSE_GGML_TYPES, GGML_TYPE_TO_FORMAT
     from qlorakit.quant.linear import QuantLinear
     from qlorakit.quant.registry import format_class
     from qlorakit.quant.replace import set_submodule
@@ -237,7 +239,11 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
         module_name = hf_name.removesuffix(".weight")
         if module_name in skip:  # a cached layer's weight ("<module>.weight")
             continue
-        if keep_blocks and module_name in linear_names and tensor.tensor_type.name in GGML_TYPE_TO_FORMAT:
+        if keep_blocks and module_name in linear_names and tensor.tensor_type.name not in DENSE_GGML_TYPES:
+            if tensor.tensor_type.name not in GGML_TYPE_TO_FORMAT:
+                raise ModelSourceError(
+                    f"{source.spec}: tensor {tensor.name} is {tensor.tensor_type.name}, a type quant.method gguf cannot "
+                    f"keep (kept: {', '.join(GGML_TYPE_TO_FORMAT)}); quant.method none loads a dense copy of the model")
             qweight = gguf_io.block_weight(source.location, tensor)
             if heads is not None:
                 qweight.tensors["blocks"] = gguf_io.unpermute_qk_rows(qweight.tensors["blocks"], heads).contiguous()
@@ -246,8 +252,11 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
         weight = gguf_io.dense_tensor(source.location, tensor)
         if heads is not None:
             weight = gguf_io.unpermute_qk_rows(weight, heads)
+        offset = gguf_io.stored_norm_offset(hf_name, config)
+        if offset:
+            weight = weight - offset  # in fp32, as transformers' GGUF loader does
         state[hf_name] = weight.to(dtype)
     for module_name, qweight in kept.items():
-        bias = state.pop(f"{module_name}.bias", None)
+        bias = state.get(f"{module_name}.bias")  # left in `state`: materialise fills the QuantLinear's bias from it
         set_submodule(model, module_name, QuantLinear(qweight, format_class(qweight.format)(), bias, dtype))
     return materialise(model, state, source, left_on_meta={f"{name}.weight" for name in skip})

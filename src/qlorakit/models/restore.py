@@ -68,7 +68,7 @@ def check_loadable(path: str | Path) -> None:
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> tuple[LoadedModel, object]:
     """(base quantized as in training + trained adapter, the run's Config)."""
-    from qlorakit.adapters.peft_format import load_adapter
+    from qlorakit.adapters.peft_format import CHAT_TEMPLATE_NAME, load_adapter
 
     run_dir = Path(run_dir)
     cfg = check_run_dir(run_dir)
@@ -78,6 +78,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: 
         quantize_lm_head=q.quantize_lm_head, device=device, progress=progress,
     )
     load_adapter(loaded.model, run_dir / "adapter")
+    given = run_dir / "adapter" / CHAT_TEMPLATE_NAME  # the chat format training gave a tokenizer that had none
+    if given.is_file():
+        loaded.tokenizer.chat_template = given.read_text()
     loaded.model.eval()
     return loaded, cfg
 

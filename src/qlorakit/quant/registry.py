@@ -19,6 +19,11 @@ FORMATS: dict[str, str] = {
     "q5_0": "qlorakit.quant.q5_0:Q5_0",
     "q5_1": "qlorakit.quant.q5_1:Q5_1",
     "q8_0": "qlorakit.quant.q8_0:Q8_0",
+    "q2_k": "qlorakit.quant.q2_k:Q2_K",
+    "q3_k": "qlorakit.quant.q3_k:Q3_K",
+    "q4_k": "qlorakit.quant.q4_k:Q4_K",
+    "q5_k": "qlorakit.quant.q5_k:Q5_K",
+    "q6_k": "qlorakit.quant.q6_k:Q6_K",
 }
 
 

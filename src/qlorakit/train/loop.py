@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from qlorakit import metadata
 from qlorakit.adapters.inject import add_adapters, trainable_parameters
 from qlorakit.adapters.peft_format import adapter_state_dict, save_adapter
+from qlorakit.data.chat_formats import CHAT_FORMATS
 from qlorakit.config import Config, save_config
 from qlorakit.data.collate import collate_packed, collate_padded, length_grouped_batches, pad_token_id
 from qlorakit.data.dataset import build_datasets
@@ -312,7 +313,8 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
             val_loss = evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)
             log.write({"step": steps, "val_loss": val_loss})
         log.close()
-        save_adapter(model, run_dir / "adapter", source.location, cfg.adapter.dropout)
+        given_template = tokenizer.chat_template if report.template in CHAT_FORMATS else None
+        save_adapter(model, run_dir / "adapter", source.location, cfg.adapter.dropout, chat_template=given_template)
         records = read_metrics(run_dir / "metrics.jsonl")
         plot_loss(records, run_dir / "loss.png", spec["tag"])
         losses = [r["loss"] for r in records if r.get("loss") is not None]
