@@ -16,6 +16,8 @@ Reported (medians over rounds; peak RSS is the largest):
                                   so under "skipped", unless --bf16-rows
   mfu                             achieved FLOPs / the best matmul peak measured in this run (bench/peak.py)
   varlen_tokens_per_s             real (non-padding) tokens/s on instruction-like lengths, packed
+  gemma3_tokens_per_s             Gemma 3 270M Q4_K_M (gemma3-270m) trained over the file's own blocks (quant gguf)
+                                  and the same model in NF4, batch 2 x 256; gemma3_gguf_vs_nf4 is their ratio
   demo_seconds                    `make demo`, end to end
   load_seconds                    import to NF4 + LoRA ready to train (warm cache; cold in load_seconds_cold),
                                   split into load_import_seconds and load_seconds_after_imports
@@ -132,6 +134,11 @@ def main() -> None:
         _worker("qlorakit_bf16", "--impl", "qlorakit", "--dtype", "bf16", steps=args.steps),
         _worker("qlorakit_gc", "--impl", "qlorakit", "--dtype", fast, "--gc", steps=args.steps),
         _worker("varlen", "--impl", "qlorakit", "--dtype", fast, "--varlen", steps=args.steps),
+        # Gemma 3 270M Q4_K_M over its own blocks (q4_k, q6_k, q5_0, q8_0) against the same model in NF4
+        _worker("gemma3_gguf", "--impl", "qlorakit", "--dtype", fast, "--model", "gemma3-270m", "--quant", "gguf",
+                "--batch", "2", steps=args.steps),
+        _worker("gemma3_nf4", "--impl", "qlorakit", "--dtype", fast, "--model", "gemma3-270m", "--quant", "nf4",
+                "--batch", "2", steps=args.steps),
     ]
     if reference == "fp32":  # hf_reference is the fp32 run already
         extra_configs = [c for c in extra_configs if c[0] != "hf_reference_fp32"]
@@ -187,6 +194,9 @@ def main() -> None:
                           "qlorakit_other_allocator")},
         "mfu": {name: mfu(name, best_peak) for name in ("qlorakit", "qlorakit_other_allocator", "hf_reference", "hf_reference_gc", "hf_reference_fp32")},
         "mfu_vs_bf16_peak": {name: mfu(name, peak.get("bf16_gflops", 0) * 1e9) for name in ("qlorakit", "hf_reference")},
+        "gemma3_tokens_per_s": {"gguf_blocks": tokens["gemma3_gguf"], "nf4": tokens["gemma3_nf4"]},
+        "gemma3_peak_rss_mib": {"gguf_blocks": _max(runs["gemma3_gguf"], "peak_rss_mib"), "nf4": _max(runs["gemma3_nf4"], "peak_rss_mib")},
+        "gemma3_gguf_vs_nf4": _ratio(tokens["gemma3_gguf"], tokens["gemma3_nf4"]),
         "varlen_tokens_per_s": tokens["varlen"],
         "varlen_vs_fixed": _ratio(tokens["varlen"], tokens["qlorakit"]),
         "demo_seconds": demo.get("seconds"),
@@ -247,6 +257,9 @@ def format_table(r: dict) -> str:
         ("training tokens/s, qlorakit + checkpointing", t["qlorakit_gc"], f"peak RSS {rss['qlorakit_gc']} MiB"),
         ("qlorakit / HF reference", r["speedup_vs_hf_reference"], f"vs HF fp32: {r['speedup_vs_hf_reference_fp32']}"),
         ("variable-length real tokens/s (packed)", r["varlen_tokens_per_s"], f"{r['varlen_vs_fixed']} x fixed-length"),
+        ("Gemma 3 270M Q4_K_M over its own blocks, tokens/s", r["gemma3_tokens_per_s"]["gguf_blocks"],
+         f"batch 2 x 256, peak RSS {r['gemma3_peak_rss_mib']['gguf_blocks']} MiB; {r['gemma3_gguf_vs_nf4']} x the same model in NF4 "
+         f"({r['gemma3_tokens_per_s']['nf4']} tokens/s, peak RSS {r['gemma3_peak_rss_mib']['nf4']} MiB)"),
         ("make demo, seconds", r["demo_seconds"], ""),
         ("embedded model ready to train, seconds", r["load_seconds"], f"of which imports (torch, transformers' Llama, bitsandbytes) {r['load_import_seconds']}, "
          f"qlorakit's load {r['load_seconds_after_imports']}; cold cache: {r['load_seconds_cold']}"),

@@ -2,6 +2,7 @@
 
     python bench/train_worker.py --impl qlorakit --dtype fp32 --steps 4 --warmup 1
     python bench/train_worker.py --impl hf --gc          # the Hugging Face stack reference
+    python bench/train_worker.py --impl qlorakit --dtype fp32 --model gemma3-270m --quant gguf   # K-quant blocks
 
 Both sides train SmolLM2-135M-Instruct with LoRA r=16 (alpha 32, dropout 0.05) on all seven
 projections (q, k, v, o, gate, up, down) over an NF4 (double-quantized) base, batch 4 x 256
@@ -51,8 +52,8 @@ def _train_in(work: Path, args) -> dict:
 
     rows_path = bench_data.write_rows(work / "rows.jsonl", varlen=args.varlen, seq_len=args.seq_len, count=args.batch * (args.steps + args.warmup))
     cfg = config_from_dict({
-        "model": {"name": "smollm2", "dtype": args.dtype},
-        "quant": {"method": "nf4", "double_quant": True},
+        "model": {"name": args.model, "dtype": args.dtype},
+        "quant": {"method": args.quant, "double_quant": True},
         "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "targets": TARGETS},
         "data": {"path": str(rows_path), "format": "text", "max_length": args.seq_len, "packing": args.varlen},
         "train": {"output_dir": str(work / "run"), "max_steps": args.steps + args.warmup, "batch_size": args.batch,
@@ -100,6 +101,8 @@ def main() -> None:
     parser.add_argument("--impl", choices=["qlorakit", "hf"], required=True)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--model", default="smollm2", help="qlorakit only: the model (smollm2, gemma3-270m, a path)")
+    parser.add_argument("--quant", default="nf4", help="qlorakit only: quant.method (nf4, or gguf: the file's own blocks)")
     parser.add_argument("--varlen", action="store_true", help="instruction-like lengths, packed (qlorakit only)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -109,7 +112,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     result = (run_qlorakit if args.impl == "qlorakit" else run_hf)(args)
-    result.update(impl=args.impl, dtype=args.dtype, gc=args.gc, varlen=args.varlen, batch=args.batch, seq_len=args.seq_len,
+    result.update(impl=args.impl, model=args.model, quant=args.quant if args.impl == "qlorakit" else "nf4", dtype=args.dtype, gc=args.gc, varlen=args.varlen, batch=args.batch, seq_len=args.seq_len,
                   peak_rss_mib=round(peak_rss_mib(), 1), wall_seconds=round(time.perf_counter() - started, 1))
     print(json.dumps(result))
 

@@ -43,4 +43,4 @@ def test_logits_and_greedy_answer_equal_transformers_gguf_loader(gemma, gemma3_p
         torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)
         answer = gemma.model.generate(ids, max_new_tokens=6, do_sample=False)
         assert torch.equal(answer, reference.generate(ids, max_new_tokens=6, do_sample=False))
-    assert "France" in gemma.tokenizer.decode(answer[0, ids.shape[1]:])  # "the capital of the country of France"
+    # the text itself (" the capital of the country of") is the base model's, not asserted

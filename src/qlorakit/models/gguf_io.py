@@ -274,7 +274,8 @@ def tensor_index(path: str | os.PathLike) -> list[IndexedTensor]:
     """The file's tensors in file order, from the metadata cache (built once with GGUFReader,
     which otherwise parses every metadata field, ~5 s for SmolLM2's vocabulary, on every load)."""
     path = Path(path)
-    cache = _metadata_cache_dir(path) / "tensors.json"
+    # Beside the metadata cache, not in it: that directory is written whole, once (_write_metadata_cache).
+    cache = _metadata_cache_dir(path).with_name(_metadata_cache_dir(path).name + ".tensors.json")
     if cache.is_file():
         entries = json.loads(cache.read_text())
     else:
