@@ -69,9 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=0.99, help="greedy-token agreement below which the merge is refused")
     p.add_argument("--force", action="store_true", help="write the merge even when it is not faithful")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p = sub.add_parser("export", parents=[common], help="write a merged 16-bit model as GGUF (f16, q8_0, q4_1) or a bitsandbytes nf4 checkpoint")
-    p.add_argument("model", help="a merged 16-bit directory (qlorakit merge RUN --out DIR); gguf: of a run on a GGUF source")
-    p.add_argument("--format", required=True, help="output format: gguf (a file) | nf4 (a directory transformers + bitsandbytes load)")
+    p = sub.add_parser("export", parents=[common], help="write a merged 16-bit model as GGUF (f16, q8_0, q4_1) or a bitsandbytes nf4 "
+                                                        "checkpoint, or a run's adapter as a llama.cpp GGUF LoRA")
+    p.add_argument("model", help="a merged 16-bit directory (qlorakit merge RUN --out DIR; gguf: of a run on a GGUF source); "
+                                 "gguf-lora: the run directory")
+    p.add_argument("--format", required=True, help="output format: gguf (a file) | gguf-lora (llama.cpp/ollama adapter file + "
+                                                   "Modelfile) | nf4 (a directory transformers + bitsandbytes load)")
     p.add_argument("--out", required=True, help="the file or directory to write, e.g. model-q4_1.gguf or model-nf4/")
     p.add_argument("--type", default="f16", help="GGUF tensor type: f16 | q8_0 | q4_1 (default f16; q4_1 re-quantizes)")
     p.add_argument("--compute-dtype", default="bf16", help="nf4: bnb_4bit_compute_dtype, bf16 | fp16 | fp32 (default bf16)")
@@ -131,9 +134,20 @@ def _export(args: argparse.Namespace) -> int:
 
     from qlorakit.export.gguf import export_dense_to_gguf
 
-    if args.format not in ("gguf", "nf4"):
-        raise ValueError(f"--format: unknown export format {args.format!r}; choose gguf or nf4")
+    if args.format not in ("gguf", "gguf-lora", "nf4"):
+        raise ValueError(f"--format: unknown export format {args.format!r}; choose gguf, gguf-lora or nf4")
     started = time.perf_counter()
+    if args.format == "gguf-lora":
+        from qlorakit.export.gguf_lora import export_gguf_lora, modelfile_path
+
+        out = export_gguf_lora(args.model, args.out, overwrite=args.overwrite)
+        size = out.stat().st_size
+        payload = {"out": str(out), "format": "gguf-lora", "modelfile": str(modelfile_path(out)), "bytes": size,
+                   "seconds": round(time.perf_counter() - started, 2)}
+        _emit(args, payload, f"wrote {out} (GGUF LoRA adapter, {size / 1e6:.1f} MB) and {payload['modelfile']} in "
+                             f"{payload['seconds']:.1f} s\n  llama.cpp: llama-cli -m BASE.gguf --lora {out}\n"
+                             f"  ollama:    ollama create NAME -f {payload['modelfile']}")
+        return 0
     if args.format == "nf4":
         from qlorakit.export.nf4 import export_nf4
 

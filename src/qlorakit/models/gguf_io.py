@@ -91,9 +91,10 @@ def _set_head_dim_from_tensors(path: Path, config) -> None:
 
 def _write_metadata_cache(target: Path, config, tokenizer) -> None:
     """Save config + tokenizer under a temporary name, then rename: never a half-written cache; an
-    entry another process completed meanwhile is kept (it may be being read)."""
+    entry another process completed meanwhile is kept (it may be being read); a directory without
+    its `complete` marker is not an entry and is replaced."""
     try:
-        with staged_directory(target, replace=False) as staging:
+        with staged_directory(target, replace=not (target / "complete").is_file()) as staging:
             config.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             (staging / "complete").write_text("ok\n")
@@ -159,6 +160,11 @@ def chat_template(reader) -> str | None:
 _GGUF_ARCH_NAMES = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3", "cohere": "command-r"}
 
 
+def gguf_architecture(model_type: str) -> str:
+    """The GGUF `general.architecture` of a transformers model_type ("gemma3_text" -> "gemma3")."""
+    return _GGUF_ARCH_NAMES.get(model_type, model_type)
+
+
 def gguf_to_hf_names(model: nn.Module) -> dict[str, str]:
     """GGUF tensor name -> transformers state-dict name, from gguf-py's tensor name map.
 
@@ -167,7 +173,7 @@ def gguf_to_hf_names(model: nn.Module) -> dict[str, str]:
     """
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
-    model_type = _GGUF_ARCH_NAMES.get(model.config.model_type, model.config.model_type)
+    model_type = gguf_architecture(model.config.model_type)
     arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == model_type), None)
     if arch is None:
         raise GGUFError(f"gguf-py knows no architecture {model_type!r}")
