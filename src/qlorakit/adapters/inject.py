@@ -79,6 +79,24 @@ def add_adapters(
     return names
 
 
+def without_foldless_bases(model: nn.Module, names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(names whose quantized base takes an exact QA-LoRA fold, {left-out name: its format}).
+
+    A GGUF file mixes formats; q8_0, q6_k, q3_k and q2_k have no per-block min a QA-LoRA update
+    can be folded into (`QuantFormat.has_group_min`), so a QA-LoRA run on the file's own blocks
+    leaves those layers out and its merge keeps them byte for byte. Unquantized bases are kept.
+    """
+    kept, left_out = [], {}
+    for name in names:
+        base = model.get_submodule(name)
+        fmt = getattr(base, "fmt", None)
+        if fmt is not None and not fmt.has_group_min:
+            left_out[name] = fmt.name
+        else:
+            kept.append(name)
+    return kept, left_out
+
+
 def _device_of(module: nn.Module) -> torch.device:
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         return tensor.device

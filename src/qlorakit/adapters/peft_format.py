@@ -48,6 +48,10 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str, dropout: fl
         raise AdapterError("the model has no adapters to save")
     first = next(iter(layers.values()))
     targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    same_leaf = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in targets and name not in layers
+                 and not any(name.startswith(f"{layer}.") for layer in layers)]
+    if same_leaf:  # some layers of a name were left out (QA-LoRA on a GGUF mix): name the adapted ones in full
+        targets = sorted(layers)
     qalora = isinstance(first, QALoraLinear)
     fan_in_fan_out = getattr(first.base_layer, "source_layout", None) == "conv1d" or type(first.base_layer).__name__ == "Conv1D"
     config = LoraConfig(

@@ -24,6 +24,7 @@ A `.gguf` --out for anything else (plain LoRA, a base that is not GGUF) is refus
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,6 +316,7 @@ def merge_exact(
         "run": str(cfg.train.output_dir), "format": fmt, "into": "zero_points", "min_agreement": min_agreement,
         "faithful": fidelity.greedy_token_agreement >= min_agreement, "fidelity": fidelity.to_dict(),
         "update_survival": {k: survival[k] for k in ("kept", "noise")}, "requantized": None,
+        **format_changes(adapter_model, merged),
     }
     if not force:
         check_faithful(fidelity, min_agreement)
@@ -326,6 +328,24 @@ def merge_exact(
         files = {"quantization.json": exact_spec(spec, fmt, group_size), "merge_report.json": report}
         written = _write_exact(loaded, merged, layers, Path(out), fmt, files, overwrite)
     return MergeResult(written, fidelity, None, survival, None, report, time.perf_counter() - started, merged)
+
+
+def format_changes(adapter_model, merged) -> dict:
+    """What an exact fold changed besides the mins: {"format_changes": {module: "q4_k -> q4_1"},
+    "tensor_bytes_change": bytes, "max_step_rounding": the largest relative fp16 rounding of a
+    sub-block step d·sc of a K-quant that became q4_1/q5_1 (quant/q4_k.py), or 0.0}."""
+    from qlorakit.adapters.inject import adapter_layers
+    from qlorakit.quant.q4_k import affine_rounding
+
+    changes, grown, rounding = {}, 0, 0.0
+    for name, layer in adapter_layers(adapter_model).items():
+        before, after = layer.base_layer.qweight, merged.get_submodule(name).qweight
+        if before.format != after.format:
+            changes[name] = f"{before.format} -> {after.format}"
+            grown += after.nbytes() - before.nbytes()
+            if before.format in ("q4_k", "q5_k"):
+                rounding = max(rounding, affine_rounding(before))
+    return {"format_changes": changes, "tensor_bytes_change": grown, "max_step_rounding": rounding}
 
 
 def _check_exact_out(out: Path, fmt: str | None, overwrite: bool) -> None:
@@ -379,6 +399,12 @@ def format_merge(result: MergeResult) -> str:
     else:
         loss = "exact fold: 1, 0; the only loss is the final cast"
     lines.append(f"  update kept {kept:.4f}, noise {noise:.4f} x |update| ({loss})")
+    changes = result.report.get("format_changes") or {}
+    if changes:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(changes.values()).items()))
+        lines.append(f"  formats changed to hold the update: {len(changes)} tensors ({kinds}), "
+                     f"{result.report['tensor_bytes_change'] / 2**20:+.2f} MiB; codes kept, largest fp16 rounding of a "
+                     f"sub-block step {result.report['max_step_rounding']:.2e} of it (merge_report.json lists them)")
     if result.requantized_fidelity is not None:
         r = result.requantized_fidelity
         rq = result.requantized_survival

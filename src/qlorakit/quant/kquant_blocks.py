@@ -173,7 +173,7 @@ class KQuantFormat(QuantFormat):
 
     def add_group_offset(self, q: QuantizedWeight, offset: Tensor) -> QuantizedWeight:
         raise QuantizationError(
-            f"{self.name}: a K-quant's sub-block mins are integers under one fp16 dmin per 256 values, so a "
-            "QA-LoRA update cannot be folded into it in place; merge into a dequantized (16-bit) model instead"
+            f"{self.name}: has no per-sub-block min to fold a QA-LoRA update into (its scales are integers under "
+            "one fp16 d per 256 values); merge into a dequantized (16-bit) model instead"
         )
 

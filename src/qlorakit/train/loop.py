@@ -24,6 +24,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qlorakit import metadata
-from qlorakit.adapters.inject import add_adapters, trainable_parameters
+from qlorakit.adapters.inject import add_adapters, find_targets, trainable_parameters, without_foldless_bases
 from qlorakit.adapters.peft_format import adapter_state_dict, save_adapter
 from qlorakit.data.chat_formats import CHAT_FORMATS
 from qlorakit.config import Config, save_config
@@ -209,8 +210,18 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
     )
     model = loaded.model
     torch.manual_seed(t.seed)
+    targets = cfg.adapter.targets
+    if cfg.adapter.kind == "qalora" and cfg.quant.method == "gguf":
+        targets, left_out = without_foldless_bases(model, find_targets(model, targets))
+        if not targets:
+            raise ValueError(f"adapter.targets: every target layer of {cfg.model.name} is in a format without a min "
+                             f"({', '.join(sorted(set(left_out.values())))}) that QA-LoRA can fold into; use adapter.kind: lora")
+        if left_out and world.is_main:
+            counts = ", ".join(f"{n} {f}" for f, n in sorted(Counter(left_out.values()).items()))
+            _log(f"QA-LoRA: {len(left_out)} target layers left out, their formats have no min to fold an update into "
+                 f"({counts}; e.g. {next(iter(left_out))}); the merge keeps them byte for byte")
     add_adapters(
-        model, cfg.adapter.targets, r=cfg.adapter.r, alpha=cfg.adapter.alpha, dropout=cfg.adapter.dropout,
+        model, targets, r=cfg.adapter.r, alpha=cfg.adapter.alpha, dropout=cfg.adapter.dropout,
         use_rslora=cfg.adapter.use_rslora, kind=cfg.adapter.kind,
         group_size=cfg.adapter_group_size if cfg.adapter.kind == "qalora" else None,
     )
