@@ -89,3 +89,25 @@ def test_head_dim_comes_from_the_file_not_the_config_default(smollm2_path, tmp_p
     assert ours.config.head_dim == 64
     with torch.no_grad():
         torch.testing.assert_close(ours(_ids()).logits, original(_ids()).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", [*ARCHITECTURES, "mistral"])
+def test_hf_directory_loads_as_from_pretrained(model_type, smollm2_tokenizer, tmp_path):
+    """The same architectures (and Mistral) from Hugging Face directories: unquantized, the logits of
+    `from_pretrained`; in NF4, every linear layer quantized, with the logits of transformers' model
+    over the same rounded weights."""
+    from transformers import AutoModelForCausalLM
+
+    original = build(tiny_config(model_type))
+    original.save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    dense = load_model(str(tmp_path), dtype="fp32", quant="none", progress=False).model
+    nf4 = load_model(str(tmp_path), dtype="fp32", quant="nf4", progress=False).model
+    with torch.no_grad():
+        torch.testing.assert_close(dense(_ids()).logits, reference(_ids()).logits)
+        quantized = {n: m for n, m in nf4.named_modules() if isinstance(m, QuantLinear)}
+        assert quantized and not [n for n, m in nf4.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
+        for name, module in quantized.items():  # transformers' model over the same NF4-rounded weights
+            reference.get_submodule(name).weight.copy_(module.dequantize_weight(torch.float32))
+        torch.testing.assert_close(nf4(_ids()).logits, reference(_ids()).logits, atol=1e-4, rtol=1e-4)

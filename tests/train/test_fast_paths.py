@@ -91,6 +91,39 @@ def test_bf16_step_with_all_paths_on_matches_all_off():
     assert list(fast.state_dict()) == list(plain.state_dict())
 
 
+def test_gemma3_takes_the_paths_that_are_valid_for_it():
+    """Gemma 3 (norms scaling by 1 + w, GeGLU, q/k norms, sliding-window layers, scaled embeddings):
+    the fused RMSNorm and SwiGLU step aside (0 modules), stacked GQA attention and the sibling
+    projections apply, and a bf16 step with all paths equals one with none (tolerances as above)."""
+    from tests.gguf_tiny import tiny_config as gguf_tiny_config
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = gguf_tiny_config("gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=128, head_dim=32,
+                              query_pre_attn_scalar=32, sliding_window=4)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    quantize_model(plain, get_format("nf4"), torch.bfloat16, progress=False)
+    torch.manual_seed(1)
+    add_adapters(plain, TARGETS, r=4, alpha=8, dropout=0.0)
+    for module in plain.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B.weight, std=0.05)
+    fast = copy.deepcopy(plain)
+    ids = torch.randint(1, 256, (2, 12))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    report = FastPathReport()
+    with model_fast_paths(fast, "all", report, dtype="bf16", device="cpu"):
+        assert not any(type(m).__name__.startswith("Fused") for m in fast.modules())
+        assert fast.config._attn_implementation == IMPLEMENTATION
+        assert sum(isinstance(m, SiblingLoraLinear) for m in fast.modules()) == 6 * 5  # q,k,v + gate,up, 6 layers
+        loss_plain, grads_plain = _loss_and_adapter_grads(plain, batch)
+        loss_fast, grads_fast = _loss_and_adapter_grads(fast, batch)
+    assert abs(loss_fast - loss_plain) <= 1e-2 * abs(loss_plain)
+    for name, expected in grads_plain.items():
+        assert float((grads_fast[name] - expected).abs().max()) <= 3e-2 * float(expected.abs().max()) + 1e-8, name
+
+
 def test_training_runs_match_and_leave_nothing_behind(tiny_model_dir, qa_rows, tmp_path):
     """Three bf16 training steps with all paths and with none: the same per-step losses and
     gradient norms (bf16 tolerance as above) and adapters pointing the same way; after train() returns, the
