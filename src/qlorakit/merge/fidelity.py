@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from qlorakit.generation import chat_prompt_ids, user_turn
+from qlorakit.generation import chat_prompt_ids, stop_token_ids, user_turn
 
 DEFAULT_PROBES = (
     "What is the capital of France?",
@@ -202,10 +202,7 @@ def verify_batch(
 
 
 def _stop_ids(tokenizer, model: nn.Module) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    return ids
+    return set(stop_token_ids(tokenizer, model))
 
 
 @dataclass

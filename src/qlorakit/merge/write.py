@@ -136,10 +136,27 @@ def _write_model(model: nn.Module, directory: Path, max_shard_size) -> None:
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _stop_at_end_of_turn(path: Path, tokenizer) -> None:
+    """Add the chat template's end-of-turn token to generation_config.json's eos_token_id, so that
+    plain transformers' generate stops a reply where the trained model ends its turn."""
+    from qlorakit.generation import stop_token_ids
+
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    eos = config.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    wanted = sorted(set(eos) | set(stop_token_ids(tokenizer)))
+    if wanted != sorted(eos):
+        config["eos_token_id"] = wanted
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _write_all(weights, tokenizer, directory: Path, extra_files: dict[str, dict]) -> None:
     """Complete the staging directory: the weights (`weights`, the writing thread's future), the
     tokenizer with its chat template, and the extra JSON files."""
     weights.result()  # re-raises what the writing thread raised
     tokenizer.save_pretrained(directory)
+    _stop_at_end_of_turn(directory / "generation_config.json", tokenizer)
     for name, content in extra_files.items():
         (directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
