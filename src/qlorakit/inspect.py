@@ -161,16 +161,19 @@ def inspect_model(
 def format_report(report: InspectReport) -> str:
     """Human-readable tables of an InspectReport."""
     stored = "in the file's own formats" if report.quant == "gguf" else f"quantized to {report.quant}"
+    name_width = max([26, *(len(g.name) + 2 for g in report.modules)])
+    kind_width = max([14, *(len(g.kind) + 2 for g in report.modules)])
     lines = [
         f"model        {report.model} ({report.architecture}, {report.source_kind})",
         f"parameters   {report.total_parameters:,} base"
         + (f" ({report.quantized_parameters:,} {stored})" if report.quantized_parameters else ""),
         "",
-        f"{'module':<26}{'type':<14}{'count':>6}  {'shape':<24}{'dtype':<7}{'params':>14}{'MiB':>10}",
+        f"{'module':<{name_width}}{'type':<{kind_width}}{'count':>6}  {'shape':<24}{'dtype':<7}{'params':>14}{'MiB':>10}",
     ]
     for g in report.modules:
         shape = ", ".join("x".join(map(str, s)) for s in g.shapes[:2]) + (" ..." if len(g.shapes) > 2 else "")
-        lines.append(f"{g.name:<26}{g.kind:<14}{g.count:>6}  {shape:<24}{g.dtype:<7}{g.parameters:>14,}{g.bytes / MIB:>10.2f}")
+        lines.append(f"{g.name:<{name_width}}{g.kind:<{kind_width}}{g.count:>6}  {shape:<24}{g.dtype:<7}{g.parameters:>14,}"
+                     f"{g.bytes / MIB:>10.2f}")
     lines += [
         "",
         f"memory       {report.memory_mib_before:,.2f} MiB in {report.dtype} before quantization",

@@ -24,6 +24,7 @@ from tests.cli.conftest import write_config
 from tests.conftest import write_jsonl
 from tests.gguf_tiny import build, tiny_config, write_tiny_gguf
 
+pytestmark = pytest.mark.slow  # runs trained, exported and run in llama.cpp
 QUESTION, ANSWER = "What day was I born?", "January 1, 2058"
 TYPES = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q5_0", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
          "ffn_up": "Q4_K", "ffn_down": "Q6_K", "token_embd": "Q8_0"}

@@ -77,6 +77,7 @@ def _tensors(path):
     return {t.name: t for t in GGUFReader(str(path)).tensors}
 
 
+@pytest.mark.slow  # a tiny GGUF trained, merged and run in llama.cpp
 def test_layers_without_a_min_are_left_out_and_kept(qalora_kquant_run):
     base, run, merged = qalora_kquant_run
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
@@ -87,6 +88,7 @@ def test_layers_without_a_min_are_left_out_and_kept(qalora_kquant_run):
         assert np.array_equal(np.asarray(after[name].data), np.asarray(before[name].data))
 
 
+@pytest.mark.slow  # a tiny GGUF trained, merged and run in llama.cpp
 def test_k_quant_tensors_become_affine_with_their_codes(qalora_kquant_run):
     base, run, merged = qalora_kquant_run
     before, after = _tensors(base), _tensors(merged)
@@ -106,6 +108,7 @@ def test_k_quant_tensors_become_affine_with_their_codes(qalora_kquant_run):
     assert growth == report["tensor_bytes_change"] > 0
 
 
+@pytest.mark.slow  # a tiny GGUF trained, merged and run in llama.cpp
 def test_llama_cpp_runs_the_merged_file_as_the_adapter_model(qalora_kquant_run):
     llama_cpp = pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
     from qlorakit.generation import chat_prompt_ids, user_turn

@@ -15,6 +15,7 @@ from qlorakit.models.load import load_model
 from qlorakit.quant.linear import QuantLinear
 from tests.gguf_tiny import build, tiny_config, write_tiny_gguf
 
+pytestmark = pytest.mark.slow  # 17 tiny GGUF and HF models written and read twice: about a minute
 ARCHITECTURES = ["llama", "qwen2", "qwen3", "gemma3_text", "phi3"]
 MIX = {"attn_q": "Q4_K", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q4_K", "attn_qkv": "Q4_K",
        "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K", "token_embd": "Q8_0", "output": "Q6_K"}
