@@ -82,7 +82,7 @@ def export_gguf_lora(run_dir: str | os.PathLike, out_path: str | os.PathLike, ov
     from gguf import GGUFWriter
     from safetensors.torch import load_file
 
-    from qlorakit.adapters.peft_format import CHAT_TEMPLATE_NAME, WEIGHTS_NAME
+    from qlorakit.adapters.peft_format import CHAT_TEMPLATE_NAME, WEIGHTS_NAME, read_adapter_config
     from qlorakit.data.chat_formats import CHAT_FORMATS
     from qlorakit.models.restore import check_run_dir
     from qlorakit.models.skeleton import load_config
@@ -96,8 +96,6 @@ def export_gguf_lora(run_dir: str | os.PathLike, out_path: str | os.PathLike, ov
     if source.kind != "gguf":
         raise GGUFExportError(f"{run_dir}: --format gguf-lora needs a run trained on a GGUF base (llama.cpp applies the "
                               f"adapter to that file); model.name {cfg.model.name!r} is a {source.kind}: merge and export instead")
-    from qlorakit.adapters.peft_format import read_adapter_config
-
     factors, scale = lora_factors(read_adapter_config(run_dir / "adapter"), load_file(run_dir / "adapter" / WEIGHTS_NAME))
     config = load_config(source)
     to_gguf = {hf: name for name, hf in gguf_tensor_names(config).items()}
