@@ -25,10 +25,20 @@ PROMPT = "The capital of France is Paris. The capital of Italy is"
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
 
-def _reader(path):
+@pytest.fixture(scope="module")
+def reader():
+    """gguf-py's reader of a path, parsed once per file for the module (SmolLM2's 49,152-token
+    vocabulary takes gguf-py tens of seconds to parse on 2 cores)."""
     from gguf import GGUFReader
 
-    return GGUFReader(str(path))
+    cache = {}
+
+    def read(path):
+        if str(path) not in cache:
+            cache[str(path)] = GGUFReader(str(path))
+        return cache[str(path)]
+
+    return read
 
 
 def _dense(tensor) -> torch.Tensor:
@@ -39,8 +49,8 @@ def _dense(tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def kquant_gguf(smollm2_path, tmp_path_factory):
-    tensors = {t.name: t for t in _reader(smollm2_path).tensors}
+def kquant_gguf(smollm2_path, tmp_path_factory, reader):
+    tensors = {t.name: t for t in reader(smollm2_path).tensors}
     new = {}
     for layer, name in K_LAYERS.items():
         dense = _dense(tensors[f"blk.{layer}.ffn_down.weight"])  # (576, 1536)
@@ -54,8 +64,8 @@ def loaded(kquant_gguf):
     return load_model(str(kquant_gguf), dtype="fp32", quant="gguf", progress=False)
 
 
-def test_every_linear_layer_keeps_the_files_own_bytes(loaded, kquant_gguf):
-    tensors = {t.name: t for t in _reader(kquant_gguf).tensors}
+def test_every_linear_layer_keeps_the_files_own_bytes(loaded, kquant_gguf, reader):
+    tensors = {t.name: t for t in reader(kquant_gguf).tensors}
     model = loaded.model
     dense_linear = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and name != "lm_head"]
     assert dense_linear == []
@@ -107,14 +117,14 @@ def test_inspect_counts_each_format_of_the_file(kquant_gguf):
     assert report.quantized_parameters == 106_168_320  # every linear weight, none counted dense
 
 
-def test_a_type_that_cannot_be_kept_is_refused_naming_the_tensor(smollm2_path, tmp_path):
+def test_a_type_that_cannot_be_kept_is_refused_naming_the_tensor(smollm2_path, tmp_path, reader):
     """An IQ4_NL ffn_down (a block type qlorakit does not keep) is an error, not a dense copy."""
     from gguf import GGMLQuantizationType
 
-    reader = _reader(smollm2_path)
+    source = reader(smollm2_path)
     rng = np.random.default_rng(0)
     planned = []
-    for tensor in reader.tensors:
+    for tensor in source.tensors:
         if tensor.name != "blk.3.ffn_down.weight":
             planned.append(copied_tensor(tensor))
             continue
@@ -122,7 +132,7 @@ def test_a_type_that_cannot_be_kept_is_refused_naming_the_tensor(smollm2_path, t
         blocks[..., 0:2] = np.full((576, 48, 1), 0.01, dtype=np.float16).view(np.uint8)  # finite d
         data = blocks.reshape(576, -1)
         planned.append(PlannedTensor(tensor.name, data.shape, data.dtype, data.nbytes, GGMLQuantizationType.IQ4_NL, lambda d=data: d))
-    path = write_gguf(reader, tmp_path / "iq4.gguf", planned)
+    path = write_gguf(source, tmp_path / "iq4.gguf", planned)
     with pytest.raises(ModelSourceError, match=r"tensor blk\.3\.ffn_down\.weight is IQ4_NL, a type quant.method gguf cannot keep"):
         load_model(str(path), dtype="fp32", quant="gguf", progress=False)
     dense = load_model(str(path), dtype="fp32", quant="none", progress=False)  # asked for: a dense model
