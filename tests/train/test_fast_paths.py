@@ -25,12 +25,13 @@ from tests.train.conftest import tiny_config, write_jsonl
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _adapted_bf16_model():
-    """A tiny NF4 Llama with bf16 compute and LoRA (B non-zero, dropout on): every fast path applies."""
-    model = build_tiny(tiny_llama_config(), dtype=torch.bfloat16)
+def _adapted_bf16_model(model=None, dropout: float = 0.1):
+    """`model` (default: a tiny Llama in bf16) in NF4 with bf16 compute and LoRA (B non-zero, dropout on):
+    every fast path applies to the Llama."""
+    model = model if model is not None else build_tiny(tiny_llama_config(), dtype=torch.bfloat16)
     quantize_model(model, get_format("nf4"), torch.bfloat16, progress=False)
     torch.manual_seed(1)
-    add_adapters(model, TARGETS, r=4, alpha=8, dropout=0.1)
+    add_adapters(model, TARGETS, r=4, alpha=8, dropout=dropout)
     for module in model.modules():
         if hasattr(module, "lora_B"):
             torch.nn.init.normal_(module.lora_B.weight, std=0.05)
@@ -102,13 +103,7 @@ def test_gemma3_takes_the_paths_that_are_valid_for_it():
     torch.manual_seed(0)
     config = gguf_tiny_config("gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=128, head_dim=32,
                               query_pre_attn_scalar=32, sliding_window=4)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    quantize_model(plain, get_format("nf4"), torch.bfloat16, progress=False)
-    torch.manual_seed(1)
-    add_adapters(plain, TARGETS, r=4, alpha=8, dropout=0.0)
-    for module in plain.modules():
-        if hasattr(module, "lora_B"):
-            torch.nn.init.normal_(module.lora_B.weight, std=0.05)
+    plain = _adapted_bf16_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), dropout=0.0)
     fast = copy.deepcopy(plain)
     ids = torch.randint(1, 256, (2, 12))
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
