@@ -118,7 +118,7 @@ def test_inspect_counts_each_format_of_the_file(kquant_gguf):
 
 
 def test_a_type_that_cannot_be_kept_is_refused_naming_the_tensor(smollm2_path, tmp_path, reader):
-    """An IQ4_NL ffn_down (a block type qlorakit does not keep) is an error, not a dense copy."""
+    """An IQ2_XXS ffn_down (a block type qlorakit does not keep) is an error, not a dense copy."""
     from gguf import GGMLQuantizationType
 
     source = reader(smollm2_path)
@@ -128,12 +128,12 @@ def test_a_type_that_cannot_be_kept_is_refused_naming_the_tensor(smollm2_path, t
         if tensor.name != "blk.3.ffn_down.weight":
             planned.append(copied_tensor(tensor))
             continue
-        blocks = rng.integers(0, 256, size=(576, 1536 // 32, 18), dtype=np.uint8)
-        blocks[..., 0:2] = np.full((576, 48, 1), 0.01, dtype=np.float16).view(np.uint8)  # finite d
+        blocks = rng.integers(0, 256, size=(576, 1536 // 256, 66), dtype=np.uint8)
+        blocks[..., 0:2] = np.full((576, 6, 1), 0.01, dtype=np.float16).view(np.uint8)  # finite d
         data = blocks.reshape(576, -1)
-        planned.append(PlannedTensor(tensor.name, data.shape, data.dtype, data.nbytes, GGMLQuantizationType.IQ4_NL, lambda d=data: d))
-    path = write_gguf(source, tmp_path / "iq4.gguf", planned)
-    with pytest.raises(ModelSourceError, match=r"tensor blk\.3\.ffn_down\.weight is IQ4_NL, a type quant.method gguf cannot keep"):
+        planned.append(PlannedTensor(tensor.name, data.shape, data.dtype, data.nbytes, GGMLQuantizationType.IQ2_XXS, lambda d=data: d))
+    path = write_gguf(source, tmp_path / "iq2.gguf", planned)
+    with pytest.raises(ModelSourceError, match=r"tensor blk\.3\.ffn_down\.weight is IQ2_XXS, a type quant.method gguf cannot keep"):
         load_model(str(path), dtype="fp32", quant="gguf", progress=False)
     dense = load_model(str(path), dtype="fp32", quant="none", progress=False)  # asked for: a dense model
     assert type(dense.model.get_submodule("model.layers.3.mlp.down_proj")) is torch.nn.Linear

@@ -82,7 +82,7 @@ def add_adapters(
 def without_foldless_bases(model: nn.Module, names: list[str]) -> tuple[list[str], dict[str, str]]:
     """(names whose quantized base takes an exact QA-LoRA fold, {left-out name: its format}).
 
-    A GGUF file mixes formats; q8_0, q6_k, q3_k and q2_k have no per-block min a QA-LoRA update
+    A GGUF file mixes formats; q8_0, q6_k, q3_k, q2_k, iq4_nl and iq4_xs have no per-block min a QA-LoRA update
     can be folded into (`QuantFormat.has_group_min`), so a QA-LoRA run on the file's own blocks
     leaves those layers out and its merge keeps them byte for byte. Unquantized bases are kept.
     """

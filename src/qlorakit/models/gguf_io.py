@@ -227,17 +227,31 @@ def stored_norm_offset(hf_name: str, config) -> float:
     return 1.0 if config.model_type in NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight") else 0.0
 
 
+DEQUANTIZE_CHUNK_BYTES = 32 << 20  # fp32 output per gguf-py call: bounds its float temporaries
+
+
 def dense_tensor(path: Path, reader_tensor) -> Tensor:
     """A GGUF tensor of the file at `path` dequantized to an fp32 torch tensor in transformers'
     (out, in) shape; a type gguf-py cannot dequantize or a size that does not fit the shape raises
-    GGUFError naming the file and the tensor."""
+    GGUFError naming the file and the tensor.
+
+    Rows are dequantized in chunks of about DEQUANTIZE_CHUNK_BYTES straight into the result, so
+    the peak is the result plus one chunk's temporaries: gguf-py's dequantize of a whole tensor
+    makes two or three fp32 copies of it (Gemma 3 270M's q8_0 embedding: 640 MiB each).
+    """
     from gguf import dequantize
 
     shape = tuple(int(n) for n in reversed(reader_tensor.shape.tolist()))  # gguf lists ne0 (in) first
+    data = reader_tensor.data  # (rows, bytes or values per row), outermost first
     try:
-        array = dequantize(reader_tensor.data, reader_tensor.tensor_type)
-        return torch.from_numpy(array.reshape(shape).copy()).float()
-    except (NotImplementedError, ValueError) as error:
+        out = torch.empty(shape, dtype=torch.float32)
+        rows = out.view(data.shape[0], -1)  # (data rows, values per data row)
+        step = max(1, DEQUANTIZE_CHUNK_BYTES // max(1, rows.shape[1] * 4))
+        for start in range(0, rows.shape[0], step):
+            chunk = dequantize(data[start : start + step], reader_tensor.tensor_type)
+            rows[start : start + step].numpy()[...] = chunk.reshape(-1, rows.shape[1])  # copies out of the map
+        return out
+    except (NotImplementedError, ValueError, RuntimeError) as error:
         raise GGUFError(f"{path}: tensor {reader_tensor.name} ({reader_tensor.tensor_type.name}, shape {list(shape)}): {error}") from None
 
 
@@ -254,26 +268,41 @@ def block_weight(path: Path, reader_tensor):
 
 
 class IndexedTensor:
-    """A GGUF tensor located by a cached index, read through a memory map: the same
-    `name`, `tensor_type`, `shape` (ne, innermost first) and `data` as gguf's ReaderTensor."""
+    """A GGUF tensor located by a cached index: the same `name`, `tensor_type`, `shape` (ne,
+    innermost first) and `data` as gguf's ReaderTensor.
+
+    `data` maps the tensor's bytes afresh on each access and the mapping lives only as long as the
+    array does: a loader that copies each tensor out and drops the array holds the file's bytes
+    once (its copies), never the copies and the mapped pages of the whole file together.
+    """
 
     def __init__(self, path: Path, name: str, tensor_type: int, ne: list[int], offset: int):
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
         import numpy as np
 
-        self.name = name
+        self.path, self.name, self.offset = path, name, offset
         self.tensor_type = GGMLQuantizationType(tensor_type)
         self.shape = np.array(ne, dtype=np.uint64)
         rows = [int(n) for n in reversed(ne)]  # outermost first, like ReaderTensor.data
         if self.tensor_type == GGMLQuantizationType.F32:
-            dtype, count = np.float32, 1
+            self.dtype = np.float32
         elif self.tensor_type == GGMLQuantizationType.F16:
-            dtype, count = np.float16, 1
+            self.dtype = np.float16
         else:
             block, type_size = GGML_QUANT_SIZES[self.tensor_type]
             rows[-1] = rows[-1] // block * type_size  # bytes per row
-            dtype, count = np.uint8, 1
-        self.data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(rows) or (count,))
+            self.dtype = np.uint8
+        self.rows = tuple(rows) or (1,)
+        nbytes = int(np.prod(self.rows)) * np.dtype(self.dtype).itemsize
+        if offset + nbytes > path.stat().st_size:
+            raise ValueError(f"its {nbytes} bytes at offset {offset} run past the end")
+
+    @property
+    def data(self):
+        """A read-only memory map of the tensor's bytes, shaped outermost first."""
+        import numpy as np
+
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.rows)
 
 
 def tensor_index(path: str | os.PathLike) -> list[IndexedTensor]:

@@ -27,6 +27,8 @@ GGML_TYPE_TO_FORMAT: dict[str, str] = {
     "Q4_K": "q4_k",
     "Q5_K": "q5_k",
     "Q6_K": "q6_k",
+    "IQ4_NL": "iq4_nl",
+    "IQ4_XS": "iq4_xs",
 }
 FORMAT_TO_GGML_TYPE: dict[str, str] = {v: k for k, v in GGML_TYPE_TO_FORMAT.items()}
 # Unquantized GGUF tensor types: read as dense tensors.

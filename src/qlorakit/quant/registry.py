@@ -24,6 +24,8 @@ FORMATS: dict[str, str] = {
     "q4_k": "qlorakit.quant.q4_k:Q4_K",
     "q5_k": "qlorakit.quant.q5_k:Q5_K",
     "q6_k": "qlorakit.quant.q6_k:Q6_K",
+    "iq4_nl": "qlorakit.quant.iq4_nl:IQ4_NL",
+    "iq4_xs": "qlorakit.quant.iq4_xs:IQ4_XS",
 }
 
 
