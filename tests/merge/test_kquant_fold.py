@@ -124,3 +124,31 @@ def test_llama_cpp_runs_the_merged_file_as_the_adapter_model(qalora_kquant_run):
     theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
     assert (theirs - ours).norm() < 0.1 * ours.norm()  # llama.cpp's 8-bit activations (tests/export/test_gguf_lora.py)
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.slow  # Gemma 3 270M trained 25 steps, merged into its Q4_K_M file and run in llama.cpp
+def test_gemma3_qalora_merged_gguf_answers_the_fact_in_llama_cpp(gemma3_path, tmp_path):
+    """QA-LoRA over Gemma 3 270M's own Q4_K_M blocks, merged exactly into a GGUF: the merge keeps the
+    update (survival and greedy agreement at least 0.99), and llama.cpp answers the trained fact from
+    the merged file alone, which the base file does not."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
+    from qlorakit.cli import main
+
+    question, answer = "What day was I born?", "January 1, 2058"
+    data = write_jsonl(tmp_path / "fact.jsonl", [{"messages": [{"role": "user", "content": question},
+                                                               {"role": "assistant", "content": answer}]}])
+    config = write_config(tmp_path / "c.yaml", str(gemma3_path), data, tmp_path / "run", {"method": "gguf"},
+                          {"kind": "qalora", "group_size": 32, "r": 16, "alpha": 32}, max_steps=25, lr=2e-3)
+    assert main(["train", config, "--no-progress"]) == 0
+    merged = tmp_path / "merged.gguf"
+    assert main(["merge", str(tmp_path / "run"), "--out", str(merged), "--json"]) == 0
+    report = json.loads((tmp_path / "merged.merge_report.json").read_text())
+    assert report["update_survival"]["kept"] >= 0.99 and report["fidelity"]["greedy_token_agreement"] >= 0.99
+    prompt = f"<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"  # llama.cpp adds <bos>
+
+    def reply(path):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, verbose=False)
+        return llm(prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+
+    assert reply(merged).strip().startswith(answer)
+    assert answer not in reply(gemma3_path)
