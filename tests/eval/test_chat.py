@@ -11,7 +11,9 @@ from qlorakit.generation import greedy_reply
 
 
 def _args(model, **values):
-    return argparse.Namespace(**{**dict(model=str(model), adapter=None, prompt=None, max_new_tokens=5, json=False), **values})
+    defaults = dict(model=str(model), adapter=None, prompt=None, max_new_tokens=5, json=False, prompt_file=None,
+                    temperature=0.0, top_p=1.0, seed=0, batch_size=16)
+    return argparse.Namespace(**{**defaults, **values})
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +59,40 @@ def test_unknown_adapter_is_one_clear_error(tiny_model_dir):
 
     with pytest.raises(AdapterError, match="--adapter nowhere: neither a peft adapter directory nor a loaded adapter"):
         run_chat(_args(tiny_model_dir, prompt="hi", adapter="nowhere"))
+
+
+def test_prompt_file_answers_each_line_as_prompt_does(run_dir, run_replies, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\n\nWhat is the capital of France?\nA third, longer question about the sea?\n")
+    assert run_chat(_args(run_dir, prompt_file=str(prompts), json=True, batch_size=2)) == 0
+    turns = json.loads(capsys.readouterr().out)["turns"]
+    assert [t["user"] for t in turns] == ["Hello there", "What is the capital of France?", "A third, longer question about the sea?"]
+    assert turns[0]["assistant"] == run_replies[0]
+    for turn in turns[1:]:
+        assert run_chat(_args(run_dir, prompt=turn["user"], json=True)) == 0
+        assert json.loads(capsys.readouterr().out)["turns"][0]["assistant"] == turn["assistant"]
+    assert run_chat(_args(run_dir, prompt_file=str(prompts))) == 0
+    assert capsys.readouterr().out.startswith(f"[1] Hello there\n{run_replies[0]}\n\n[2] ")
+
+
+def test_sampling_options_reproduce_with_a_seed(run_dir, capsys):
+    def sampled(seed):
+        assert run_chat(_args(run_dir, prompt="Hello there", json=True, temperature=1.5, top_p=0.95, seed=seed,
+                              max_new_tokens=8)) == 0
+        return json.loads(capsys.readouterr().out)["turns"][0]["assistant"]
+
+    assert sampled(3) == sampled(3)
+    assert len({sampled(s) for s in range(4)}) > 1
+
+
+def test_prompt_file_errors_before_the_model_loads(tmp_path, monkeypatch):
+    import qlorakit.models.restore as restore
+
+    monkeypatch.setattr(restore, "load_any", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(FileNotFoundError, match=r"--prompt-file .*nope\.txt: no such file"):
+        run_chat(_args("smollm2", prompt_file=str(tmp_path / "nope.txt")))
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"--prompt-file .*empty\.txt: no prompts"):
+        run_chat(_args("smollm2", prompt_file=str(tmp_path / "empty.txt")))
+    with pytest.raises(ValueError, match="--temperature must be >= 0"):
+        run_chat(_args("smollm2", prompt="hi", temperature=-1.0))

@@ -15,7 +15,7 @@ from tests.eval.conftest import write_jsonl
 
 def _args(**values):
     defaults = dict(compare=[], data=None, metrics="ppl,exact,contains,f1", max_new_tokens=6, max_length=64,
-                    lm_eval_tasks=None, out=None, no_progress=True, json=True)
+                    lm_eval_tasks=None, out=None, no_progress=True, json=True, predictions=None, batch_size=16)
     return argparse.Namespace(**{**defaults, **values})
 
 
@@ -89,7 +89,7 @@ def test_lm_eval_missing_is_one_line_with_the_install_command(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
-    with pytest.raises(RuntimeError, match=r"^--lm-eval-tasks needs lm-evaluation-harness: pip install lm-eval \(.*network"):
+    with pytest.raises(RuntimeError, match=r"^--lm-eval-tasks needs lm-evaluation-harness: pip install 'qlorakit\[lm-eval\]' \(.*network"):
         run_lm_eval("smollm2", "arc_easy")
 
 
@@ -112,3 +112,46 @@ def test_parsers_match_the_cli_wiring(tmp_path):
     with pytest.raises(ValueError, match="--data: give a data file"):
         run_eval(_args(model="M"))
     assert callable(run_chat)
+
+
+def test_predictions_file_and_worst_rows(tiny_model_dir, run_dir, tmp_path, capsys):
+    """--predictions: one line per model and question row, whose metrics average to the table's; the
+    text table lists each model's worst rows; the JSON keeps its shape."""
+    from qlorakit.eval.commands import run_eval
+
+    rows = [{"question": "What colour is the sky?", "answer": "Blue"}, {"question": "Name a fruit.", "answer": "An apple."},
+            {"question": "Say hello", "answer": "hello"}]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    predictions = tmp_path / "out" / "predictions.jsonl"
+    args = _args(model=str(tiny_model_dir), compare=[str(run_dir)], data=str(data), predictions=str(predictions),
+                 batch_size=2)
+    assert run_eval(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert set(payload) == {"results"} and all(set(r) == {"model", "metrics"} for r in payload["results"])
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [(line["model"], line["row"]) for line in lines] == [
+        (model, f"{data}:{n}") for model in (str(tiny_model_dir), str(run_dir)) for n in (1, 2, 3)]
+    assert [line["reference"] for line in lines[:3]] == ["Blue", "An apple.", "hello"]
+    assert lines[2]["prompt"] == "Say hello" and set(lines[0]) == {"model", "row", "prompt", "reference", "prediction", "metrics"}
+    for result in payload["results"]:
+        mine = [line for line in lines if line["model"] == result["model"]]
+        for metric in ("exact", "contains", "f1"):
+            assert result["metrics"][metric] == pytest.approx(sum(line["metrics"][metric] for line in mine) / 3)
+            for line in mine:
+                assert line["metrics"][metric] == QA_FUNCTIONS[metric](line["prediction"], line["reference"])
+
+    assert run_eval(_args(model=str(tiny_model_dir), data=str(data), json=False, batch_size=2)) == 0
+    table = capsys.readouterr().out
+    assert "worst rows:" in table and f"{data}:1" in table and "reference  Blue" in table
+
+
+def test_eval_batch_size_does_not_change_the_replies(tiny_model_dir, tmp_path):
+    from qlorakit.eval.runner import evaluate_rows
+
+    rows = [{"question": q, "answer": "x"} for q in ("Hi", "What is the capital of France?", "Why is the sea salty?", "Ok")]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    one = evaluate_rows([str(tiny_model_dir)], str(data), "exact", 6, progress=False, batch_size=1)[1]
+    four = evaluate_rows([str(tiny_model_dir)], str(data), "exact", 6, progress=False, batch_size=4)[1]
+    assert [r.prediction for r in one] == [r.prediction for r in four]
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+        evaluate_rows([str(tiny_model_dir)], str(data), "exact", progress=False, batch_size=0)

@@ -1,7 +1,9 @@
 """`qlorakit chat`: talk to a model, a run (base + adapter) or a merged model through its chat template.
 
-Replies are greedy (the same decoding `eval` scores) and stream token by token to stdout through
-transformers' TextStreamer; the conversation keeps its history, so later turns see earlier ones.
+Replies are greedy by default (the decoding `eval` scores) or sampled (`--temperature`, `--top-p`,
+`--seed`; generation.py) and stream token by token to stdout through transformers' TextStreamer;
+the conversation keeps its history, so later turns see earlier ones. `--prompt-file` answers each
+line of a file on its own, the lines decoded together in batches.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from qlorakit.generation import greedy_reply
+from qlorakit.generation import DEFAULT_BATCH_SIZE, GREEDY, Sampling, replies, reply, user_turn
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -57,7 +59,35 @@ def user_turns(prompt: str | None, stdin=None) -> Iterator[str]:
             yield line
 
 
-def chat(model, tokenizer, turns: Iterable[str], max_new_tokens: int = 256, stream: bool = True, prompt_marker=None) -> list[dict]:
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of a --prompt-file: one per line, blank lines skipped; an error names a missing
+    or empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file {path}: no such file")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompt-file {path}: no prompts (one per line)")
+    return prompts
+
+
+def answer_each(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, sampling: Sampling = GREEDY,
+                batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> list[dict]:
+    """Each prompt answered on its own (a one-turn chat), `batch_size` at a time:
+    [{"user": prompt, "assistant": reply}] in the file's order."""
+    from tqdm.auto import tqdm
+
+    from qlorakit.quant.linear import cached_dense_weights
+
+    with cached_dense_weights(model), tqdm(total=len(prompts), desc="answering", unit="prompt", disable=not progress,
+                                           leave=False) as bar:
+        answers = replies(model, tokenizer, [user_turn(p) for p in prompts], max_new_tokens, batch_size, sampling,
+                          on_batch=bar.update)
+    return [{"user": p, "assistant": a} for p, a in zip(prompts, answers)]
+
+
+def chat(model, tokenizer, turns: Iterable[str], max_new_tokens: int = 256, stream: bool = True, prompt_marker=None,
+         sampling: Sampling = GREEDY) -> list[dict]:
     """Run the conversation; returns [{"user": ..., "assistant": ...}] in order.
 
     stream: print each reply's tokens to stdout as they come (then a newline).
@@ -79,7 +109,7 @@ def chat(model, tokenizer, turns: Iterable[str], max_new_tokens: int = 256, stre
             if user is None:
                 break
             messages.append({"role": "user", "content": user})
-            reply = greedy_reply(model, tokenizer, messages, max_new_tokens, streamer)
-            messages.append({"role": "assistant", "content": reply})
-            transcript.append({"user": user, "assistant": reply})
+            answer = reply(model, tokenizer, messages, max_new_tokens, streamer, sampling)
+            messages.append({"role": "assistant", "content": answer})
+            transcript.append({"user": user, "assistant": answer})
     return transcript

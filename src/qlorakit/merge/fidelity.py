@@ -25,7 +25,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from qlorakit.generation import chat_prompt_ids, stop_token_ids, user_turn
+from qlorakit.generation import (
+    cache_kwargs, chat_prompt_ids, decode_batch, output_cache, pad_token_id, prefill, stop_token_ids, user_turn,
+)
 
 DEFAULT_PROBES = (
     "What is the capital of France?",
@@ -115,59 +117,12 @@ def _eval_mode(*models: nn.Module):
             m.train(mode)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def _prefill(model: nn.Module, batch: list[list[int]], pad_id: int):
-    """The prompts as one left-padded batch with a KV cache (position ids count real tokens only).
-
-    Returns (output, mask (B, W), positions (B, W), per-prompt fp32 logits (T_i, V)).
-    """
-    device = _device(model)
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, W)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, W)
-    for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        mask[row, width - len(ids):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, W)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    logits = out.logits.float().cpu()  # (B, W, V)
-    prompt_logits = [logits[row, width - len(ids):] for row, ids in enumerate(batch)]  # (T_i, V) each
-    return out, mask, positions, prompt_logits
-
-
-@torch.no_grad()
 def probe_batch(
     model: nn.Module, batch: list[list[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int
 ) -> tuple[list[Tensor], list[list[int]]]:
-    """Per prompt: fp32 logits over its positions (T_i, vocab) and its greedy continuation.
-
-    The prompts run as one left-padded batch with a KV cache (position ids count real tokens
-    only), so a quantized model dequantizes its layers once per step, not once per prompt and
-    step. A row that reached EOS keeps being fed tokens that are then ignored.
-    """
-    out, mask, positions, prompt_logits = _prefill(model, batch, pad_id)
-    generated: list[list[int]] = [[] for _ in batch]
-    done = [max_new_tokens <= 0] * len(batch)
-    next_logits = out.logits[:, -1]  # (B, V)
-    positions = positions[:, -1:]  # (B, 1)
-    while not all(done):
-        tokens = next_logits.float().argmax(dim=-1)  # (B,)
-        for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                generated[row].append(token)
-                done[row] = token in stop_ids or len(generated[row]) == max_new_tokens
-        if all(done):
-            break
-        mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)  # (B, W + steps)
-        positions = positions + 1  # (B, 1)
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
-        next_logits = out.logits[:, -1]  # (B, 1, V) -> (B, V)
-    return prompt_logits, generated
+    """Per prompt: fp32 logits over its positions (T_i, vocab) and its greedy continuation, the
+    prompts decoded together by generation.py's `decode_batch` (left-padded, KV cache)."""
+    return decode_batch(model, batch, max_new_tokens, stop_ids, pad_id, keep_prompt_logits=True)
 
 
 @torch.no_grad()
@@ -183,7 +138,7 @@ def verify_batch(
     model's own decoding would reach at the same token. This is how speculative decoding checks a
     draft. Rows are right-padded to the longest g; what follows a row's end is ignored.
     """
-    out, mask, positions, prompt_logits = _prefill(model, batch, pad_id)
+    out, _, mask, positions, prompt_logits = prefill(model, batch, pad_id, keep_prompt_logits=True)
     longest = max((len(g) for g in continuations), default=0)
     if longest == 0:
         return prompt_logits, [True] * len(batch)
@@ -195,8 +150,8 @@ def verify_batch(
         fed = fed.to(mask.device)
         mask = torch.cat([mask, mask.new_ones(len(batch), longest - 1)], dim=1)  # (B, W + n - 1)
         steps = torch.arange(1, longest, device=positions.device)  # (n - 1,)
-        later = model(input_ids=fed, attention_mask=mask, position_ids=positions[:, -1:] + steps,
-                      past_key_values=out.past_key_values, use_cache=True).logits  # (B, n - 1, V)
+        later = model(input_ids=fed, attention_mask=mask, position_ids=positions[:, -1:] + steps, use_cache=True,
+                      **cache_kwargs(model, output_cache(out))).logits  # (B, n - 1, V)
         predicted = torch.cat([predicted, later.float().argmax(dim=-1)], dim=1)  # (B, n): [:, j] predicts g[j]
     return prompt_logits, [predicted[row, : len(g)].tolist() == g for row, g in enumerate(continuations)]
 
@@ -237,7 +192,7 @@ def run_probes(
     if not prompts:
         raise ValueError("fidelity report: no probe prompts")
     stop = _stop_ids(tokenizer, model) if stop_ids is None else stop_ids
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     encoded = [chat_prompt_ids(tokenizer, user_turn(prompt), use_chat_template) for prompt in prompts]
     for prompt, ids in zip(prompts, encoded):
         if not ids:
@@ -257,7 +212,7 @@ def check_probes(model: nn.Module, tokenizer, reference: ProbeOutputs, batch_siz
     reference's (`verify_batch`, one pass per batch); only rows whose greedy continuation
     differs (or a reference continuation that did not end at a stop token or max_new_tokens)
     are decoded step by step (`probe_batch`), to show what `model` says instead."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     logits: list[Tensor] = []
     generations: list[list[int]] = []
     with _eval_mode(model):

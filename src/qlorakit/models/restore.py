@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qlorakit import metadata
+from qlorakit.dtypes import preferred_dtype
 from qlorakit.files.lock import check_not_in_use
 from qlorakit.models.load import LoadedModel, load_model
 
@@ -99,7 +100,25 @@ def load_any(path: str, device: str | torch.device = "cpu", progress: bool = Tru
         return LoadedModel(load_quantized_dir(path, device), load_tokenizer(source), source)
     source = resolve_source(path)
     if source.kind == "gguf":  # a GGUF (or smollm2) keeps each tensor's own block format, as quant.method gguf
-        return load_model(source, dtype="bf16", quant="gguf", device=device, progress=progress)
+        return load_model(source, dtype=preferred_dtype(), quant="gguf", device=device, progress=progress)
     spec = metadata.read_spec(path) if Path(path).is_dir() else None
-    dtype = (spec or {}).get("extras", {}).get("merged_dtype") or "bf16"
-    return load_model(source, dtype=dtype, quant="none", device=device, progress=progress)
+    return load_model(source, dtype=compute_dtype(path, spec, device), quant="none", device=device, progress=progress)
+
+
+def compute_dtype(path: str, spec: dict | None, device: str | torch.device = "cpu") -> str:
+    """The dtype a model source or merged directory runs in: a merged directory's own dtype where
+    the device computes it natively, else fp32, which holds 16-bit weights exactly and is said on
+    stderr (16-bit matmuls are emulated, ~100x slower, on CPUs without AVX512-BF16/FP16 or AMX);
+    a model source without metadata: `preferred_dtype()` (bf16 on CUDA and native-bf16 CPUs)."""
+    import sys
+
+    from qlorakit.dtypes import matmul_is_native
+
+    stored = (spec or {}).get("extras", {}).get("merged_dtype")
+    if stored is None:
+        return preferred_dtype()
+    if matmul_is_native(stored, device):
+        return stored
+    print(f"{path}: {stored} weights computed in fp32 (exact for {stored} values): this device emulates {stored} "
+          "matrix products", file=sys.stderr)
+    return "fp32"
