@@ -2,9 +2,9 @@
 
     python bench/run.py [--rounds 3] [--steps 6] [--out bench/results/latest.json]
 
-Every configuration runs in its own process (bench/train_worker.py, bench/tasks.py), the training
-configurations interleaved round by round so that a change in machine load hits all of them.
-Reported (medians over rounds; peak RSS is the largest):
+Every configuration runs in its own process (bench/train_worker.py, bench/tasks.py). The headline
+pair (qlorakit and hf_reference) is interleaved round by round, so that a change in machine load
+hits both; every other configuration runs once. Reported (medians over rounds; peak RSS is the largest):
   tokens_per_s / peak_rss_mib     qlorakit (its preferred compute dtype: bf16 on CUDA and on CPUs with native
                                   bf16, fp32 elsewhere; qlorakit.dtypes.preferred_dtype), qlorakit_other_allocator
                                   (the mmap threshold qlorakit does not pick for this dtype: 1 MiB for bf16,
@@ -23,7 +23,12 @@ Reported (medians over rounds; peak RSS is the largest):
                                   split into load_import_seconds and load_seconds_after_imports
   merge_seconds                   `qlorakit merge` of the demo run (with its fidelity report)
   gguf_merge_seconds              QA-LoRA merge of a GGUF run written as .gguf (with its fidelity report)
-  generate_tokens_per_s           greedy generation, NF4 base + adapter, dense weights cached
+  generate_tokens_per_s           greedy generation, NF4 base + adapter, dense weights cached: batch 1 and
+                                  batch 16 (generate_tokens_per_s_batch16), qlorakit's decoder
+  eval_seconds                    the held-out eval (bench/heldout.py: 60 test rows whose names never occur in
+                                  training, SmolLM2 against a run trained on 400 rows; exact,contains,f1,ppl,
+                                  48 new tokens) at the default batch and one row at a time, in the same run;
+                                  eval_speedup is their ratio, eval_same_predictions whether every row agrees
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ def _max(runs: list[dict], key: str) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the main training configurations (the median discards one outlier)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the headline pair, qlorakit and hf_reference (the median discards one outlier)")
     parser.add_argument("--steps", type=int, default=6, help="measured training steps per process (after one warm-up step; bf16 heap fragmentation settles after about 5)")
     parser.add_argument("--out", default=str(BENCH / "results" / "latest.json"))
     parser.add_argument("--bf16-rows", action="store_true", help="run the bf16 rows even where the CPU emulates bf16 (hours)")
@@ -123,13 +128,13 @@ def main() -> None:
                f"in fp32, bench/peak.py): not run (--bf16-rows runs it)")
         skipped = {"qlorakit_bf16": why, "hf_reference_bf16": why}
 
-    main_configs = [
+    main_configs = [  # the headline pair, interleaved over rounds
         _worker("qlorakit", "--impl", "qlorakit", "--dtype", fast, steps=args.steps),
         _worker("hf_reference", "--impl", "hf", "--dtype", reference, steps=args.steps),
+    ]
+    extra_configs = [  # one process each
         _worker("hf_reference_gc", "--impl", "hf", "--dtype", reference, "--gc", steps=args.steps),
         _worker("qlorakit_other_allocator", "--impl", "qlorakit", "--dtype", fast, steps=args.steps),
-    ]
-    extra_configs = [
         _worker("hf_reference_fp32", "--impl", "hf", "--dtype", "fp32", steps=args.steps),
         _worker("qlorakit_bf16", "--impl", "qlorakit", "--dtype", "bf16", steps=args.steps),
         _worker("qlorakit_gc", "--impl", "qlorakit", "--dtype", fast, "--gc", steps=args.steps),
@@ -146,10 +151,10 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name, _ in main_configs + extra_configs}
     for round_index in range(args.rounds):
         for name, argv in main_configs:
-            env = other_allocator(fast) if name == "qlorakit_other_allocator" else None
-            runs[name].append(_run_json(argv, f"{name} (round {round_index + 1})", env=env))
+            runs[name].append(_run_json(argv, f"{name} (round {round_index + 1})"))
     for name, argv in extra_configs:
-        runs[name].append(_run_json(argv, name))
+        env = other_allocator(fast) if name == "qlorakit_other_allocator" else None
+        runs[name].append(_run_json(argv, name, env=env))
 
     demo = _timed_make_demo()
     load_warm = _run_json([PY, str(BENCH / "tasks.py"), "load"], "load (warm cache)")
@@ -159,6 +164,7 @@ def main() -> None:
                             "train.max_steps=2", "--no-progress", "--json"], "QA-LoRA GGUF training (2 steps, not timed)")
     gguf_merge = _run_json([*QLORAKIT, "merge", str(work / "qalora"), "--out", str(work / "qalora.gguf"), "--json"], "QA-LoRA GGUF merge")
     generate = _run_json([PY, str(BENCH / "tasks.py"), "generate", "runs/demo"], "generation")
+    held_out = _eval_bench(work / "heldout")
 
     flops = _flops_per_token()
     best_peak = max(peak.get("bf16_gflops", 0), peak.get("fp32_gflops", 0)) * 1e9 or None
@@ -207,9 +213,16 @@ def main() -> None:
         "merge_seconds": merge.get("wall_seconds") if "error" not in merge else None,
         "merge_seconds_in_process": merge.get("seconds"),
         "gguf_merge_seconds": gguf_merge.get("wall_seconds") if "error" not in gguf_merge else None,
-        "generate_tokens_per_s": _round(generate.get("tokens_per_s")),
+        "generate_tokens_per_s": _round(generate.get("batch1_tokens_per_s")),
+        "generate_tokens_per_s_batch16": _round(generate.get("batch16_tokens_per_s")),
+        "eval_seconds": held_out.get("seconds"),
+        "eval_speedup": held_out.get("speedup"),
+        "eval_same_predictions": held_out.get("same_predictions"),
+        "eval_metrics": held_out.get("metrics"),
+        "eval_train_seconds": held_out.get("train_seconds"),
         "errors": {k: v["error"] for k, v in {"demo": demo, "load": load_warm, "merge": merge, "gguf_train": gguf_train,
-                                               "gguf_merge": gguf_merge, "generate": generate, "peak": peak}.items() if "error" in v}
+                                               "gguf_merge": gguf_merge, "generate": generate, "peak": peak,
+                                               "eval": held_out}.items() if "error" in v}
                   | {f"{name}[{i}]": r["error"] for name, rs in runs.items() for i, r in enumerate(rs) if "error" in r},
         "runs": runs,
         "bench_seconds": round(time.perf_counter() - started, 1),
@@ -220,6 +233,40 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     print(format_table(result))
     print(f"\nwrote {out} in {result['bench_seconds']:.0f} s")
+
+
+def _eval_bench(folder: Path) -> dict:
+    """Train SmolLM2 (NF4, LoRA r 16) on bench/heldout.py's 400 rows, then `qlorakit eval smollm2
+    --compare RUN` on its 60 held-out rows at the default batch and at --batch-size 1 (one row at a
+    time, as eval decoded before batching), each timed end to end in its own process."""
+    sys.path.insert(0, str(BENCH))
+    from heldout import write_task
+
+    train, test = write_task(folder)
+    config = folder / "config.yaml"
+    config.write_text(
+        "model: {name: smollm2, dtype: fp32}\nquant: {method: nf4}\n"
+        "adapter: {kind: lora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear}\n"
+        f"data: {{path: {train}, max_length: 128}}\n"
+        f"train: {{output_dir: {folder / 'run'}, max_steps: 24, batch_size: 4, lr: 2.0e-3, schedule: constant, "
+        "warmup_ratio: 0.0, save_every: null}\n")
+    trained = _run_json([*QLORAKIT, "train", str(config), "--no-progress", "--json"], "held-out task training (24 steps)")
+    if "error" in trained:
+        return trained
+    evals = {}
+    for label, batch in (("batched", []), ("one_row", ["--batch-size", "1"])):
+        evals[label] = _run_json([*QLORAKIT, "eval", "smollm2", "--compare", str(folder / "run"), "--data", str(test),
+                                  "--metrics", "exact,contains,f1,ppl", "--max-new-tokens", "48", "--no-progress", "--json",
+                                  "--predictions", str(folder / f"{label}.jsonl"), *batch], f"held-out eval ({label})")
+        if "error" in evals[label]:
+            return evals[label]
+    predictions = [[json.loads(line)["prediction"] for line in (folder / f"{label}.jsonl").read_text().splitlines()]
+                   for label in evals]
+    seconds = {label: evals[label]["wall_seconds"] for label in evals}
+    return {"seconds": seconds, "speedup": _ratio(seconds["one_row"], seconds["batched"]),
+            "same_predictions": predictions[0] == predictions[1],
+            "metrics": {label: evals[label]["results"] for label in evals},
+            "train_seconds": trained["wall_seconds"]}
 
 
 def _timed_make_demo() -> dict:
@@ -266,7 +313,11 @@ def format_table(r: dict) -> str:
         ("merge of SmolLM2 (with fidelity report), seconds", r["merge_seconds"],
          f"`qlorakit merge` wall clock; the merge itself (after imports and loading) {r['merge_seconds_in_process']}"),
         ("QA-LoRA GGUF merge + write, seconds", r["gguf_merge_seconds"], ""),
-        ("generation tokens/s", r["generate_tokens_per_s"], ""),
+        ("generation tokens/s, batch 1", r["generate_tokens_per_s"], "NF4 base + adapter, qlorakit's decoder, 32 new tokens per row"),
+        ("generation tokens/s, batch 16", r["generate_tokens_per_s_batch16"], "16 prompts decoded together"),
+        ("held-out eval, two models x 60 rows, seconds", (r["eval_seconds"] or {}).get("batched"),
+         f"one row at a time: {(r['eval_seconds'] or {}).get('one_row')} s; {r['eval_speedup']} x faster; "
+         f"same predictions: {r['eval_same_predictions']}"),
     ]
     lines = ["| figure | value | notes |", "|---|---:|---|"]
     lines += [f"| {name} | {value} | {note} |" for name, value, note in rows]

@@ -1,7 +1,8 @@
 """Timed single jobs, each in its own process; prints one JSON line.
 
     python bench/tasks.py load [--cold]     seconds until the embedded SmolLM2 is NF4 + LoRA, ready to train
-    python bench/tasks.py generate RUN      greedy generation tokens/s of a trained run (adapter on, NF4 base)
+    python bench/tasks.py generate RUN      greedy generation tokens/s of a trained run (adapter on, NF4 base),
+                                            qlorakit's decoder (generation.py) at batch 1 and batch 16
 """
 
 from __future__ import annotations
@@ -47,23 +48,27 @@ def _load_seconds(cold: bool) -> dict:
             "cold": cold}
 
 
-def generate_tokens_per_s(run_dir: str, new_tokens: int = 128) -> dict:
-    import torch
-
+def generate_tokens_per_s(run_dir: str, new_tokens: int = 32) -> dict:
+    """New tokens per second of `generation.generate_ids`, every row made to run `new_tokens` tokens
+    (no stop token): 4 prompts one at a time (batch 1), then 16 prompts as one batch."""
+    from qlorakit.generation import chat_prompt_ids, generate_ids, pad_token_id, user_turn
     from qlorakit.models.restore import load_run
     from qlorakit.quant.linear import cached_dense_weights
 
     loaded, _ = load_run(run_dir, progress=False)
     model, tokenizer = loaded.model, loaded.tokenizer
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Write a long story about a river."}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad(), cached_dense_weights(model):
-        model.generate(**inputs, max_new_tokens=4, do_sample=False)  # warm-up
-        start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        seconds = time.perf_counter() - start
-    produced = out.shape[1] - inputs["input_ids"].shape[1]
-    return {"tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds}
+    topics = ["a river", "the moon", "a city at night", "an old library", "the sea", "a mountain village", "winter",
+              "a train journey", "a garden", "a storm", "the desert", "a lighthouse", "a forest", "a market", "snow", "bees"]
+    prompts = [chat_prompt_ids(tokenizer, user_turn(f"Write a long story about {t}.")) for t in topics]
+    result = {"new_tokens_per_row": new_tokens}
+    with cached_dense_weights(model):
+        generate_ids(model, prompts[:2], 4, [], pad_token_id(tokenizer), batch_size=2)  # warm-up
+        for batch, rows in ((1, 4), (16, 16)):
+            start = time.perf_counter()
+            out = generate_ids(model, prompts[:rows], new_tokens, [], pad_token_id(tokenizer), batch_size=batch)
+            seconds = time.perf_counter() - start
+            result[f"batch{batch}_tokens_per_s"] = sum(len(t) for t in out) / seconds
+    return result
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from qlorakit.data.templates import last_user_text
 
-DEFAULT_BATCH_SIZE = 16  # rows decoded together by eval and chat --prompt-file (`--batch-size`)
+DEFAULT_BATCH_SIZE = 32  # rows decoded together by eval and chat --prompt-file (`--batch-size`)
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], use_chat_template: bool = True) -> list[int]:
@@ -173,35 +173,51 @@ def prefill(model: nn.Module, batch: list[list[int]], pad_id: int, keep_prompt_l
 def decode_batch(
     model: nn.Module, batch: list[list[int]], max_new_tokens: int, stop_ids: set[int] | Sequence[int], pad_id: int,
     sampling: Sampling = GREEDY, keep_prompt_logits: bool = False, on_token: Callable[[int, int], None] | None = None,
+    drop_finished: bool = True,
 ) -> tuple[list[Tensor] | None, list[list[int]]]:
     """Per prompt: its prompt logits (`prefill`) and its new tokens, the stop token included.
 
-    Each step feeds every row its last token through the KV cache, so a quantized model
-    dequantizes a layer once per step for the whole batch. A row that has stopped keeps being
-    fed its last token, whose outputs are ignored. `on_token(row, token)` sees each new token.
+    Each step feeds every unfinished row its last token through the KV cache, so a quantized
+    model dequantizes a layer once per step for the whole batch. drop_finished: a row that has
+    stopped leaves the batch (its cache rows too, `Cache.batch_select_indices`), so short replies
+    do not pay for long ones; off, it keeps being fed and its outputs are ignored. Either way each
+    row's tokens are its own greedy (or sampled) continuation. `on_token(row, token)` sees each
+    new token.
     """
     stop = set(stop_ids)
     out, seen, mask, positions, prompt_logits = prefill(model, batch, pad_id, keep_prompt_logits)
     choose = TokenChooser(sampling, seen.device)
     generated: list[list[int]] = [[] for _ in batch]
-    done = [max_new_tokens <= 0] * len(batch)
+    # slot (row of the running batch) -> prompt index, None once that prompt has stopped
+    active: list[int | None] = list(range(len(batch))) if max_new_tokens > 0 else []
     next_logits = out.logits[:, -1]  # (B, V)
     positions = positions[:, -1:]  # (B, 1)
-    while not all(done):
+    cache = output_cache(out)
+    while any(row is not None for row in active):
         tokens = choose(seen, next_logits)  # (B,)
-        for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                generated[row].append(token)
-                done[row] = token in stop or len(generated[row]) == max_new_tokens
-                if on_token is not None:
-                    on_token(row, token)
-        if all(done):
+        for slot, token in enumerate(tokens.tolist()):
+            row = active[slot]
+            if row is None:
+                continue
+            generated[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+            if token in stop or len(generated[row]) == max_new_tokens:
+                active[slot] = None
+        still = [slot for slot, row in enumerate(active) if row is not None]
+        if not still:
             break
+        if drop_finished and len(still) < len(active) and hasattr(cache, "batch_select_indices"):
+            keep = torch.tensor(still, device=seen.device)
+            cache.batch_select_indices(keep)
+            seen, mask, positions, tokens = seen[keep], mask[keep], positions[keep], tokens[keep]
+            active = [active[slot] for slot in still]
         seen = torch.cat([seen, tokens[:, None]], dim=1)  # (B, W + steps)
-        mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)  # (B, W + steps)
+        mask = torch.cat([mask, mask.new_ones(len(seen), 1)], dim=1)  # (B, W + steps)
         positions = positions + 1  # (B, 1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                    **cache_kwargs(model, output_cache(out)))
+                    **cache_kwargs(model, cache))
+        cache = output_cache(out)
         next_logits = out.logits[:, -1]  # (B, 1, V) -> (B, V)
     return prompt_logits, generated
 

@@ -42,10 +42,16 @@ def _tiny(model_type: str, tokenizer):
     if model_type == "llama":
         return build_tiny(tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                             eos_token_id=tokenizer.eos_token_id, initializer_range=0.2))
+    from transformers import AutoModelForCausalLM
+
     from tests.gguf_tiny import build, tiny_config
 
-    return build(tiny_config(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id))
+    config = tiny_config(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, initializer_range=0.02)
+    if model_type != "gemma3_text":
+        return build(config)  # std 0.1: replies that vary from row to row
+    torch.manual_seed(0)  # transformers' own std 0.02: with larger weights a tiny Gemma 3 repeats one token
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
@@ -57,21 +63,29 @@ def test_batched_greedy_equals_one_at_a_time_and_generate(model_type, smollm2_to
     batched = generate_ids(model, prompts, 8, stop, pad, batch_size=16)
     single = generate_ids(model, prompts, 8, stop, pad, batch_size=1)
     assert batched == single, _first_difference(batched, single, QUESTIONS)
+    assert len({tuple(tokens) for tokens in single}) > 10  # not one repeated token
     for i in (0, 3, 11):
         assert single[i] == _hf_generate(model, prompts[i], 8, stop, pad)
 
 
-def test_each_row_stops_at_its_own_stop_token(smollm2_tokenizer):
-    """Stop tokens the tiny model does produce (the first token of some replies): those rows end
-    there, the others go on to max_new_tokens, as each would alone."""
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_each_row_stops_at_its_own_stop_token(model_type, smollm2_tokenizer):
+    """Stop tokens the tiny model does produce (mid-reply tokens of some rows): those rows end there
+    and leave the batch (their KV cache rows too; Gemma's sliding-window layers included), the
+    others go on to max_new_tokens, as each would alone and as with finished rows kept in the batch."""
+    from qlorakit.generation import decode_batch
+
     tokenizer = smollm2_tokenizer
-    model = _tiny("llama", tokenizer).eval()
+    model = _tiny(model_type, tokenizer).eval()
     prompts = [chat_prompt_ids(tokenizer, user_turn(q)) for q in QUESTIONS]
     free = generate_ids(model, prompts, 6, [], 0, batch_size=20)
-    stop = {free[0][1], free[5][2]}  # tokens some rows produce mid-reply
+    assert len({t for tokens in free for t in tokens}) > 20  # the model says different things
+    stop = {free[0][1], free[1][2]}  # tokens some rows produce mid-reply
     batched = generate_ids(model, prompts, 6, stop, 0, batch_size=20)
     single = generate_ids(model, prompts, 6, stop, 0, batch_size=1)
-    assert batched == single
+    assert batched == single, _first_difference(batched, single, QUESTIONS)
+    kept = decode_batch(model, prompts, 6, stop, 0, drop_finished=False)[1]
+    assert kept == single
     ended = [tokens for tokens in batched if tokens[-1] in stop]
     assert ended and any(len(tokens) == 6 and not set(tokens) & stop for tokens in batched)
     for tokens in ended:

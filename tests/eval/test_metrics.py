@@ -68,3 +68,24 @@ def test_perplexity_is_exp_mean_token_nll(tiny_model_dir):
     with torch.no_grad():
         assert perplexity(total, n) == pytest.approx(math.exp(float(model(ids, labels=labels).loss)), rel=1e-5)
     assert math.isnan(perplexity(0.0, 0))
+
+
+def test_nll_at_scored_positions_equals_the_full_token_nll():
+    """Logits computed only where some row's next token is scored give the same sums as all logits."""
+    import torch
+
+    from qlorakit.eval.metrics import IGNORE_INDEX, nll_at, scored_positions, token_nll
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 9, 50)
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0, :5] = IGNORE_INDEX
+    labels[1, :3] = IGNORE_INDEX
+    labels[1, 7:] = IGNORE_INDEX
+    labels[2, :] = IGNORE_INDEX
+    labels[2, 6] = 4
+    positions = scored_positions(labels)
+    assert positions.tolist() == [2, 3, 4, 5, 6, 7]  # position t predicts labels[t + 1]
+    whole, n = token_nll(logits, labels)
+    part, m = nll_at(logits[:, positions], labels, positions)
+    assert m == n == 4 + 4 + 1 and abs(part - whole) < 1e-4

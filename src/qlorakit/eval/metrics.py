@@ -91,6 +91,22 @@ def token_nll(logits: Tensor, labels: Tensor) -> tuple[float, int]:
     return float(nll), int((shift_labels != IGNORE_INDEX).sum())
 
 
+def scored_positions(labels: Tensor) -> Tensor:
+    """Positions t whose next token labels[:, t+1] is scored in some row: int64 (K,), for a forward
+    pass that computes logits only there (`logits_to_keep`); labels (B, T)."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()  # (K,)
+
+
+def nll_at(logits: Tensor, labels: Tensor, positions: Tensor) -> tuple[float, int]:
+    """`token_nll` from logits computed at `positions` only: logits (B, K, V), labels (B, T),
+    positions (K,) as `scored_positions` gives them; the same sums, K instead of T − 1 positions."""
+    targets = labels[:, positions + 1]  # (B, K): position t predicts labels[t+1]
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return float(nll), int((targets != IGNORE_INDEX).sum())
+
+
 def perplexity(total_nll: float, tokens: int) -> float:
     """exp(mean token NLL); NaN when nothing was scored."""
     return math.exp(total_nll / tokens) if tokens else float("nan")

@@ -116,12 +116,14 @@ def score_model(model, tokenizer, data: EvalData, metrics: list[str], max_new_to
     with cached_dense_weights(model), torch.no_grad():
         if "ppl" in metrics:
             total, tokens = 0.0, 0
-            for example in data.examples:
-                ids = torch.tensor([example["input_ids"]], device=device)  # (1, T)
-                labels = torch.tensor([example["labels"]], device=device)  # (1, T)
-                nll, n = M.token_nll(model(input_ids=ids).logits, labels)
+            vocab = model.get_output_embeddings().weight.shape[0]
+            for batch in perplexity_batches(data.examples, vocab, batch_size):
+                ids, labels, mask = (t.to(device) for t in right_padded(batch))  # (B, W) each
+                positions = M.scored_positions(labels)  # (K,): logits only where a token is scored
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits  # (B, K, V)
+                nll, n = M.nll_at(logits, labels, positions)
                 total, tokens = total + nll, tokens + n
-                _tick(bar)
+                _tick(bar, len(batch))
             result["ppl"] = M.perplexity(total, tokens)
         qa = [m for m in metrics if m in M.QA_METRICS]
         if qa:
@@ -133,6 +135,37 @@ def score_model(model, tokenizer, data: EvalData, metrics: list[str], max_new_to
             result.update({m: sum(r.metrics[m] for r in rows) / len(rows) for m in qa})
     scores = {m: (None if v is None or math.isnan(v) else v) for m, v in ((m, result.get(m)) for m in metrics)}
     return scores, rows
+
+
+LOGITS_BUDGET_BYTES = 256 << 20  # fp32 logits of one perplexity batch (B x W x vocab x 4)
+
+
+def perplexity_batches(examples: list[dict], vocab: int, batch_size: int) -> list[list[dict]]:
+    """The examples in batches of similar length (longest first), at most `batch_size` rows and
+    LOGITS_BUDGET_BYTES of fp32 logits each (a 262k vocabulary fills it with few rows)."""
+    ordered = sorted(examples, key=lambda e: -len(e["input_ids"]))
+    batches, start = [], 0
+    while start < len(ordered):
+        width = len(ordered[start]["input_ids"])
+        rows = max(1, min(batch_size, LOGITS_BUDGET_BYTES // max(1, width * vocab * 4)))
+        batches.append(ordered[start : start + rows])
+        start += rows
+    return batches
+
+
+def right_padded(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, attention_mask), each (B, W), right-padded: pads come after every real
+    token, so causal attention and the default position ids leave the real tokens as they are alone."""
+    width = max(len(e["input_ids"]) for e in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), M.IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, example in enumerate(batch):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        mask[row, :n] = 1
+    return ids, labels, mask
 
 
 def _tick(bar, n: int = 1) -> None:
