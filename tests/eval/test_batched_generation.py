@@ -149,3 +149,24 @@ def test_smollm2_batched_replies_equal_one_at_a_time(quant, smollm2_path):
         single = replies(loaded.model, loaded.tokenizer, chats, 16, batch_size=1)
     assert batched == single, _first_difference(batched, single, QUESTIONS)
     assert len(set(batched)) > 10  # real, different answers
+
+
+@pytest.mark.slow  # writes a tiny GGUF (gguf-py parses SmolLM2's tokenizer for it)
+def test_k_quant_gguf_blocks_batched_equal_one_at_a_time(smollm2_path, tmp_path):
+    """A tiny Llama GGUF in q4_k/q6_k/q5_0 blocks, loaded over its own blocks (quant.method gguf): the
+    batched replies are the one-at-a-time ones."""
+    from qlorakit.models.load import load_model
+    from tests.gguf_tiny import build, tiny_config, write_tiny_gguf
+
+    types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q5_0", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
+             "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
+    path = write_tiny_gguf(build(tiny_config("llama")), tmp_path / "tiny.gguf", smollm2_path,
+                           lambda name, shape: next((t for k, t in types.items() if f".{k}." in f".{name}"), "F32"))
+    loaded = load_model(str(path), dtype="fp32", quant="gguf", progress=False)
+    prompts = [loaded.tokenizer(q, add_special_tokens=False)["input_ids"] or [1] for q in QUESTIONS]
+    prompts = [[t for t in p if t < 1024] or [1] for p in prompts]  # the tiny vocabulary's ids
+    with cached_dense_weights(loaded.model):
+        batched = generate_ids(loaded.model, prompts, 8, [2], 2, batch_size=16)
+        single = generate_ids(loaded.model, prompts, 8, [2], 2, batch_size=1)
+    assert batched == single, _first_difference(batched, single, QUESTIONS)
+    assert len({tuple(t) for t in single}) > 10
