@@ -20,7 +20,7 @@ from qlorakit.config import (
 )
 
 # DESIGN.md "Training config", plus the keys the issues need (use_rslora, tensorboard, skip_nonfinite,
-# allow_pickle_weights).
+# allow_pickle_weights, untie_embeddings).
 DESIGN_DEFAULTS = yaml.safe_load("""
 model:   {name: smollm2, dtype: bf16, allow_pickle_weights: false}
 quant:   {method: nf4, double_quant: true, group_size: 64, quantize_lm_head: false}
@@ -32,7 +32,7 @@ train:   {output_dir: runs/x, max_steps: 100, epochs: null, batch_size: 4, grad_
           optimizer: adamw, weight_decay: 0.0, gradient_checkpointing: false, seed: 42,
           save_every: 50, log_every: 1, eval_every: null, resume: false,
           tensorboard: false, skip_nonfinite: false, fast_paths: all}
-merge:   {after_train: false, dtype: auto, into: dequantized, keep_lm_head_fp16: false}
+merge:   {after_train: false, dtype: auto, into: dequantized, lm_head_dtype: same, untie_embeddings: false}
 """)
 
 
@@ -263,3 +263,18 @@ def test_direct_construction_is_checked_and_normalised():
     assert AdapterConfig(alpha=8).alpha == 8.0 and isinstance(AdapterConfig(alpha=8).alpha, float)
     with pytest.raises(ConfigError, match=r"^adapter\.r: "):
         AdapterConfig(r=0)
+
+
+def test_keep_lm_head_fp16_is_read_as_lm_head_dtype_fp16(tmp_path):
+    cfg = load_config(None, ["merge.keep_lm_head_fp16=true"])
+    assert cfg.merge.lm_head_dtype == "fp16" and not cfg.merge.keep_lm_head_fp16
+    assert "keep_lm_head_fp16" not in config_to_dict(cfg)["merge"]  # a saved config states the one choice
+    path = tmp_path / "c.yaml"
+    path.write_text("merge:\n  keep_lm_head_fp16: true\n")
+    assert load_config(path) == cfg
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    message = _error(["merge.keep_lm_head_fp16=true", "merge.lm_head_dtype=fp32"])
+    assert message == ("merge.keep_lm_head_fp16: true means merge.lm_head_dtype: fp16, but merge.lm_head_dtype "
+                       "is fp32; set only merge.lm_head_dtype")
+    assert _error(["merge.lm_head_dtype=fp8"]) == "merge.lm_head_dtype: must be one of same, bf16, fp16, fp32, got 'fp8'"

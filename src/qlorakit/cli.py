@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the merged weights; auto (default): the first of bf16, fp16, fp32 that passes the fidelity check")
     p.add_argument("--into", default="dequantized", choices=["dequantized", "original"],
                    help="fold into the dequantized base the adapter was trained on, or the source's original 16-bit weights")
-    p.add_argument("--keep-lm-head-fp16", action="store_true", help="keep the output head in fp16 when merging to bf16")
+    p.add_argument("--lm-head-dtype", default="same", choices=["same", "bf16", "fp16", "fp32"],
+                   help="dtype of the output head (same: the merge dtype); a tied head takes the embeddings with it unless --untie-embeddings")
+    p.add_argument("--keep-lm-head-fp16", action="store_true", help="the older spelling of --lm-head-dtype fp16")
+    p.add_argument("--untie-embeddings", action="store_true", help="write a tied output head as a tensor of its own")
     p.add_argument("--requantize", choices=["nf4", "fp4"], help="also measure peft's re-quantizing merge (report only)")
     p.add_argument("--min-agreement", type=float, default=0.99, help="greedy-token agreement below which the merge is refused")
     p.add_argument("--force", action="store_true", help="write the merge even when it is not faithful")
@@ -120,8 +123,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from qlorakit.merge.run import format_merge, merge_run
 
+    head = args.lm_head_dtype
+    if args.keep_lm_head_fp16:
+        if head not in ("same", "fp16"):
+            raise ValueError(f"--keep-lm-head-fp16 means --lm-head-dtype fp16, but --lm-head-dtype is {head}; give only --lm-head-dtype")
+        head = "fp16"
     result = merge_run(
-        args.run, args.out, dtype=args.dtype, into=args.into, keep_lm_head_fp16=args.keep_lm_head_fp16,
+        args.run, args.out, dtype=args.dtype, into=args.into, lm_head_dtype=head, untie_embeddings=args.untie_embeddings,
         requantize=args.requantize, force=args.force, overwrite=args.overwrite, min_agreement=args.min_agreement,
     )
     _emit(args, {**result.report, "out": str(result.out_dir), "seconds": round(result.seconds, 2)}, format_merge(result))

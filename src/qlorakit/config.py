@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("bf16", "fp16", "fp32")
+ALIASES = {"merge.keep_lm_head_fp16": "merge.lm_head_dtype: fp16"}
+"""Older keys still read, each as what it stands for; a saved config writes only the new key."""
 GGUF_GROUP_SIZE = 32  # every GGUF block format qlorakit handles (q4_0, q4_1, q5_*, q8_0) has 32-value blocks
 
 
@@ -195,8 +197,25 @@ class MergeConfig(_Section):
     into: str = "dequantized"
     """dequantized: fold in fp32 into the dequantized base, save 16-bit; original: keep the base format
     (exact for QA-LoRA on int4/gguf, where only zero points/mins change)."""
+    lm_head_dtype: str = "same"
+    """Dtype of the output head in the merged model: same (the merge dtype), bf16, fp16 or fp32. A head
+    tied to the input embeddings is one tensor with them, so they take its dtype too, unless
+    `untie_embeddings`. A head in another dtype than the rest makes config.json record fp32, the one
+    dtype in which transformers (which loads a model in a single dtype) reloads both exactly."""
+    untie_embeddings: bool = False
+    """Write a tied output head as its own tensor (config `tie_word_embeddings: false`), so that
+    `lm_head_dtype` applies to the head alone; never done unless asked."""
     keep_lm_head_fp16: bool = False
-    """Save the output head in fp16 even when `dtype` is bf16."""
+    """The older spelling of `lm_head_dtype: fp16`; read as that (a config saved again says lm_head_dtype)."""
+
+    def _check(self) -> None:
+        if not self.keep_lm_head_fp16:
+            return
+        if self.lm_head_dtype not in ("same", "fp16"):
+            raise ConfigError(f"merge.keep_lm_head_fp16: true means merge.lm_head_dtype: fp16, "
+                              f"but merge.lm_head_dtype is {self.lm_head_dtype}; set only merge.lm_head_dtype")
+        object.__setattr__(self, "lm_head_dtype", "fp16")  # one stated choice from here on
+        object.__setattr__(self, "keep_lm_head_fp16", False)
 
 
 @dataclass(frozen=True)
@@ -267,6 +286,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.schedule": _one_of("constant", "linear", "cosine"),
     "train.optimizer": _one_of("adamw", "adamw8bit"),
     "merge.into": _one_of("dequantized", "original"),
+    "merge.lm_head_dtype": _one_of("same", *DTYPES),
 }
 
 
@@ -400,10 +420,11 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """The config as plain YAML-ready data: every key, sections in order, lists as lists."""
+    """The config as plain YAML-ready data: every key (ALIASES aside), sections in order, lists as lists."""
     out: dict[str, dict[str, Any]] = {}
     for name in SECTIONS:
-        values = {f.name: getattr(getattr(cfg, name), f.name) for f in fields(SECTIONS[name])}
+        values = {f.name: getattr(getattr(cfg, name), f.name) for f in fields(SECTIONS[name])
+                  if f"{name}.{f.name}" not in ALIASES}
         out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     return out
 

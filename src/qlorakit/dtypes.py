@@ -14,6 +14,14 @@ def to_torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config name of a torch dtype (torch.bfloat16 -> "bf16")."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"{dtype} has no qlorakit dtype name; use one of {', '.join(map(str, DTYPES.values()))}")
+
+
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matmul instructions (AVX512-BF16 or AMX); without them torch
     emulates bf16 matmuls, about 3x slower than fp32 (measured on this project's CI machine)."""

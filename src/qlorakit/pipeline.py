@@ -44,7 +44,7 @@ def merge_after_training(cfg: Config, result):
     loaded = LoadedModel(result.model, result.tokenizer, result.source)
     try:
         merged = merge_loaded(loaded, cfg, run_dir / "merged", dtype=m.dtype, into=m.into,
-                              keep_lm_head_fp16=m.keep_lm_head_fp16, spec=result.spec)
+                              lm_head_dtype=m.lm_head_dtype, untie_embeddings=m.untie_embeddings, spec=result.spec)
     except UnfaithfulMergeError as error:
         command = f"qlorakit merge {run_dir} --out {run_dir / 'merged'} --dtype fp32"
         raise AfterTrainMergeError(

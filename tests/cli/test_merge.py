@@ -76,3 +76,37 @@ def test_int4_merge_refuses_a_non_empty_directory_before_loading(tiny_runs, tmp_
     code, _, err = cli("merge", str(tiny_runs["qalora"]), "--out", str(tmp_path))
     assert code == 1 and "exists and is not empty; choose another --out or pass --overwrite" in error_line(err)
     assert "quantizing" not in err and [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_lm_head_dtype_is_kept_recorded_and_reloads_exactly(tiny_runs, tmp_path, cli):
+    """`--lm-head-dtype fp32` on an fp16 merge: the head is stored unrounded, quantization.json and
+    its tag say so, and plain transformers reloads every stored value unchanged (config: fp32)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qlorakit.models.restore import load_run
+
+    out = tmp_path / "merged"
+    code, stdout, err = cli("merge", str(tiny_runs["lora"]), "--out", str(out), "--dtype", "fp16", "--lm-head-dtype", "fp32", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert (report["dtype"], report["lm_head_dtype"], report["reloads_as"], report["embeddings"]) == ("fp16", "fp32", "fp32", "separate")
+    assert report["evaluated_in"] == "fp32" and report["faithful"]
+    spec = json.loads((out / "quantization.json").read_text())
+    assert spec["extras"]["lm_head_dtype"] == "fp32" and spec["tag"].endswith("_w16_headfp32")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+        head = f.get_tensor("lm_head.weight")
+    assert stored.pop("lm_head.weight") == "F32" and set(stored.values()) == {"F16"}
+    loaded, _ = load_run(tiny_runs["lora"], progress=False)
+    assert torch.equal(head, loaded.model.lm_head.weight.float())  # the trained run's head, not rounded
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.lm_head.weight.dtype == torch.float32 and torch.equal(reloaded.lm_head.weight, head)
+
+
+def test_lm_head_dtype_conflicts_and_exact_merges_are_refused(tiny_runs, tmp_path, cli):
+    code, _, err = cli("merge", str(tiny_runs["lora"]), "--out", str(tmp_path / "a"), "--keep-lm-head-fp16", "--lm-head-dtype", "fp32")
+    assert code == 1 and "--keep-lm-head-fp16 means --lm-head-dtype fp16, but --lm-head-dtype is fp32" in error_line(err)
+    code, _, err = cli("merge", str(tiny_runs["qalora"]), "--out", str(tmp_path / "b"), "--lm-head-dtype", "fp16")
+    assert code == 1 and "merge lm_head_dtype fp16: this int4 merge is exact and keeps every tensor's format and dtype" in error_line(err)
+    assert not list(tmp_path.iterdir())

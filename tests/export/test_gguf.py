@@ -256,3 +256,39 @@ def test_cli_export_refuses_an_existing_gguf_unless_overwrite(merged_dir, tmp_pa
     assert out.read_bytes() == b"someone else's file" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
     assert main(["export", str(merged_dir), "--format", "gguf", "--out", str(out), "--type", "q8_0", "--overwrite"]) == 0
     assert reader(out).tensors and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+@pytest.mark.parametrize("head_dtype", ["fp32", "bf16"])
+def test_dense_export_keeps_the_head_dtype_the_merge_chose(adapted, smollm2_path, tmp_path, head_dtype):
+    """An fp16 merge with the (tied) head in fp32 or bf16: token_embd keeps that float type in
+    every export type, value for value; the other 2-D tensors take the type asked for."""
+    from gguf import GGMLQuantizationType as T
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qlorakit.dtypes import to_torch_dtype
+    from qlorakit.merge.fold import merge_to_dense
+    from qlorakit.merge.write import save_merged
+
+    loaded, ids = adapted
+    dense = merge_to_dense(loaded.model, torch.float16, lm_head_dtype=to_torch_dtype(head_dtype))
+    spec = {"method": "QALORA", "weight_bits": 16,
+            "extras": {"source_model": str(smollm2_path), "merged_dtype": "fp16", "lm_head_dtype": head_dtype}}
+    merged = save_merged(dense, loaded.tokenizer, tmp_path / "merged", extra_files={"quantization.json": spec})
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        stored = f.get_tensor("model.embed_tokens.weight")
+    kind = {"fp32": T.F32, "bf16": T.BF16}[head_dtype]
+    for type, others in (("f16", T.F16), ("q8_0", T.Q8_0)):
+        out = export_dense_to_gguf(merged, tmp_path / f"model-{type}.gguf", type)
+        tensors = {t.name: t for t in reader(out).tensors}
+        assert tensors["token_embd.weight"].tensor_type == kind
+        assert {t.tensor_type for n, t in tensors.items() if len(t.shape) == 2 and n != "token_embd.weight"} == {others}
+    raw = np.asarray(tensors["token_embd.weight"].data)
+    values = torch.from_numpy(raw.copy()).view(torch.bfloat16) if head_dtype == "bf16" else torch.from_numpy(raw.copy())
+    assert torch.equal(values.reshape(stored.shape), stored)
+    hf_dir = forward(AutoModelForCausalLM.from_pretrained(merged), ids)  # config.json: fp32, every value unchanged
+    f16 = tmp_path / "model-f16.gguf"
+    gguf = forward(AutoModelForCausalLM.from_pretrained(f16.parent, gguf_file=f16.name, dtype=torch.float32), ids)
+    assert (gguf - hf_dir).abs().max() < 1e-3

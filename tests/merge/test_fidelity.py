@@ -43,7 +43,7 @@ def test_merge_against_adapter_model(arch, tiny_tokenizer):
     report = fidelity_report(model, merge_to_dense(model, torch.float32), tiny_tokenizer, PROMPTS, max_new_tokens=8)
     assert report.max_abs_logit_diff < 1e-4 and report.mean_kl < 1e-9
     assert report.greedy_token_agreement == 1.0 and report.generations_equal
-    bf16 = fidelity_report(model, merge_to_dense(model, torch.bfloat16, keep_lm_head_fp16=True), tiny_tokenizer, PROMPTS, max_new_tokens=4)
+    bf16 = fidelity_report(model, merge_to_dense(model, torch.bfloat16, lm_head_dtype=torch.float16), tiny_tokenizer, PROMPTS, max_new_tokens=4)
     assert 0 < bf16.max_abs_logit_diff < 0.05 and bf16.mean_kl < 1e-4
 
 

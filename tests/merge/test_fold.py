@@ -59,7 +59,7 @@ def test_input_model_is_not_modified(random_ids):
     model = adapter_model(CONFIGS["llama-tied"]())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     expected = logits(model, random_ids)
-    merge_to_dense(model, torch.bfloat16, keep_lm_head_fp16=True)
+    merge_to_dense(model, torch.bfloat16, lm_head_dtype=torch.float16)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(logits(model, random_ids), expected)
@@ -87,9 +87,9 @@ def test_into_original_folds_into_the_16bit_weights():
         merge_to_dense(model, torch.float32, original_weights={"transformer.wte.weight": original["transformer.wte.weight"]})
 
 
-def test_keep_lm_head_fp16_untied(random_ids):
+def test_fp16_head_in_a_bf16_merge_untied(random_ids):
     model = adapter_model(CONFIGS["llama"]())
-    merged = merge_to_dense(model, torch.bfloat16, keep_lm_head_fp16=True)
+    merged = merge_to_dense(model, torch.bfloat16, lm_head_dtype=torch.float16)
     assert merged.lm_head.weight.dtype == torch.float16
     assert {p.dtype for n, p in merged.named_parameters() if n != "lm_head.weight"} == {torch.bfloat16}
     plain = merge_to_dense(model, torch.bfloat16)
@@ -100,22 +100,50 @@ def test_keep_lm_head_fp16_untied(random_ids):
     assert (merged.lm_head.weight.float() - exact).abs().max() < (plain.lm_head.weight.float() - exact).abs().max()
 
 
-def test_keep_lm_head_fp16_tied_keeps_the_shared_tensor_fp16_and_tied(random_ids):
-    """A tied head is one tensor with the embeddings: it stays one tensor, in fp16."""
+def test_fp32_head_in_a_bf16_merge_is_the_unrounded_head(random_ids):
+    model = adapter_model(CONFIGS["llama"]())
+    merged = merge_to_dense(model, torch.bfloat16, lm_head_dtype=torch.float32)
+    assert torch.equal(merged.lm_head.weight, model.lm_head.weight.float())  # the head is not rounded at all
+    assert {p.dtype for n, p in merged.named_parameters() if n != "lm_head.weight"} == {torch.bfloat16}
+    out = logits(merged, random_ids)  # bf16 hidden states cross into the fp32 head
+    assert (logits(model, random_ids) - out).abs().max() < TOLERANCE[torch.bfloat16]
+
+
+def test_tied_head_keeps_the_shared_tensor_in_the_head_dtype_and_tied(random_ids):
+    """A tied head is one tensor with the embeddings: unless asked to untie, it stays one tensor."""
     model = adapter_model(CONFIGS["llama-tied"]())
-    merged = merge_to_dense(model, torch.bfloat16, keep_lm_head_fp16=True)
+    merged = merge_to_dense(model, torch.bfloat16, lm_head_dtype=torch.float16)
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
-    assert merged.lm_head.weight.dtype == torch.float16
+    assert merged.lm_head.weight.dtype == torch.float16 and merged.config.tie_word_embeddings
     body = {p.dtype for n, p in merged.named_parameters() if n != "model.embed_tokens.weight"}
     assert body == {torch.bfloat16}
     assert (logits(model, random_ids) - logits(merged, random_ids)).abs().max() < TOLERANCE[torch.bfloat16]
 
 
-def test_keep_lm_head_fp16_refused_for_fp32_and_a_no_op_for_fp16():
+@pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])
+def test_untie_embeddings_gives_the_head_its_own_tensor_and_dtype(arch, random_ids):
+    model = adapter_model(CONFIGS[arch]())
+    merged = merge_to_dense(model, torch.bfloat16, lm_head_dtype=torch.float32, untie_embeddings=True)
+    head, embed = merged.get_output_embeddings().weight, merged.get_input_embeddings().weight
+    assert head is not embed and head.untyped_storage().data_ptr() != embed.untyped_storage().data_ptr()
+    assert head.dtype == torch.float32 and embed.dtype == torch.bfloat16
+    assert not merged.config.tie_word_embeddings
+    source = model.get_input_embeddings().weight
+    assert torch.equal(head, source.float()) and torch.equal(embed, source.to(torch.bfloat16))
+    assert (logits(model, random_ids) - logits(merged, random_ids)).abs().max() < TOLERANCE[torch.bfloat16]
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # the input stays tied
+    # Untied in the same dtype: still two tensors, equal.
+    same = merge_to_dense(model, torch.bfloat16, untie_embeddings=True)
+    assert same.get_output_embeddings().weight is not same.get_input_embeddings().weight
+    assert torch.equal(same.get_output_embeddings().weight, same.get_input_embeddings().weight)
+
+
+def test_head_dtype_equal_to_the_merge_dtype_is_a_plain_merge():
     model = adapter_model(CONFIGS["llama"]())
-    with pytest.raises(ValueError, match="keep_lm_head_fp16: the merge dtype is fp32"):
-        merge_to_dense(model, torch.float32, keep_lm_head_fp16=True)
-    assert {p.dtype for p in merge_to_dense(model, torch.float16, keep_lm_head_fp16=True).parameters()} == {torch.float16}
+    a, b = merge_to_dense(model, torch.float16, lm_head_dtype=torch.float16), merge_to_dense(model, torch.float16)
+    assert {p.dtype for p in a.parameters()} == {torch.float16}
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not a.lm_head._forward_pre_hooks  # no dtype boundary to cross
 
 
 def test_disabled_adapter_is_refused():

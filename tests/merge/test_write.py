@@ -10,6 +10,7 @@ from safetensors import safe_open
 from qlorakit.merge import write
 from qlorakit.merge.fold import merge_to_dense
 from qlorakit.merge.write import MergeWriteError, save_merged
+from qlorakit.models.precision import computing_in
 from tests.conftest import build_tiny
 from tests.merge.conftest import CONFIGS, adapter_model, logits
 
@@ -53,17 +54,40 @@ def test_saved_merge_reloads_with_plain_transformers(arch, dtype, tmp_path, tiny
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied"])
-def test_fp16_head_is_stored_fp16_and_config_says_bf16(arch, tmp_path, tiny_tokenizer):
-    merged = merge_to_dense(adapter_model(CONFIGS[arch]()), torch.bfloat16, keep_lm_head_fp16=True)
+@pytest.mark.parametrize("head_dtype", [torch.float16, torch.float32])
+def test_head_in_its_own_dtype_is_stored_so_and_reloads_exactly(arch, head_dtype, tmp_path, tiny_tokenizer, random_ids):
+    """transformers reloads a model in one dtype: config.json says fp32, which holds the bf16 body
+    and the head's own dtype exactly, so plain `from_pretrained` computes with the stored weights."""
+    merged = merge_to_dense(adapter_model(CONFIGS[arch]()), torch.bfloat16, lm_head_dtype=head_dtype)
     out = save_merged(merged, tiny_tokenizer, tmp_path / "merged")
     stored = _stored_dtypes(out)
     head_key = "lm_head.weight" if arch == "llama" else "model.embed_tokens.weight"  # tied: stored once
-    assert stored[head_key] == "F16"
+    assert stored[head_key] == {torch.float16: "F16", torch.float32: "F32"}[head_dtype]
     assert {d for k, d in stored.items() if k != head_key} == {"BF16"}
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     reloaded, _ = _load_plain(out)
-    # vanilla transformers casts every tensor to config.dtype: the fp16 head comes back as bf16
-    assert reloaded.lm_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+    for name, tensor in merged.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor.float()), name  # every stored value, unchanged
+    with computing_in(merged, torch.float32):  # what merge_report's fidelity check runs: the merged model in fp32
+        assert torch.equal(logits(reloaded, random_ids), logits(merged, random_ids))
+    # Asked for bf16, transformers rounds the head to it: the trade the merge report names.
+    from transformers import AutoModelForCausalLM
+
+    small = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert small.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_untied_head_reloads_untied_in_plain_transformers(tmp_path, tiny_tokenizer):
+    merged = merge_to_dense(adapter_model(CONFIGS["llama-tied"]()), torch.bfloat16, lm_head_dtype=torch.float32,
+                            untie_embeddings=True)
+    out = save_merged(merged, tiny_tokenizer, tmp_path / "merged")
+    stored = _stored_dtypes(out)
+    assert stored["lm_head.weight"] == "F32" and stored["model.embed_tokens.weight"] == "BF16"
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    reloaded, _ = _load_plain(out)
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.lm_head.weight, merged.lm_head.weight)
 
 
 def test_gguf_sourced_config_saves_as_a_plain_directory(tmp_path, smollm2_path, random_ids):

@@ -7,13 +7,16 @@
 f16, q8_0 or q4_1, quantized with qlorakit's own formats (byte-equal to gguf-py's). Its metadata
 (tokenizer, chat template, hyperparameters) is copied from the GGUF the model was trained from,
 with `general.file_type` set to the new type; a directory that did not come from a GGUF is refused
-(convert it with llama.cpp's convert_hf_to_gguf.py).
+(convert it with llama.cpp's convert_hf_to_gguf.py). An output head the merge gave a dtype of its
+own (`merge.lm_head_dtype`, recorded in quantization.json) keeps it as F32, F16 or BF16 whatever
+the type (with a tied head, that is `token_embd.weight`).
 
 Files are written under a temporary name in the target directory and renamed at the end.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -47,18 +50,27 @@ def _source_gguf_of(hf_model_dir: Path) -> Path:
     return Path(source)
 
 
-def _dense_tensor(name: str, load: Callable[[], torch.Tensor], shape: tuple[int, ...], type: str, heads: int | None) -> PlannedTensor:
-    """Plan one dense HF tensor as GGUF: 1-D and odd widths stay float (F32 / F16), 2-D get `type`."""
+def _dense_tensor(name: str, load: Callable[[], torch.Tensor], shape: tuple[int, ...], type: str, heads: int | None,
+                  keep_float: str | None = None) -> PlannedTensor:
+    """Plan one dense HF tensor as GGUF: 1-D and odd widths stay float (F32 / F16), 2-D get `type`;
+    `keep_float` ("F32" | "F16" | "BF16"): a 2-D tensor kept in that float type whatever `type` is
+    (the output head a merge gave a dtype of its own)."""
     from gguf import GGMLQuantizationType as T
 
     from qlorakit.quant.registry import get_format
 
     def weight() -> torch.Tensor:
-        w = load().float()  # (out, in) or (n,)
+        w = load().float()  # (out, in) or (n,); exact for bf16/fp16 values
         return gguf_io.permute_qk_rows(w, heads) if heads is not None else w  # (out, in), GGUF row order
 
-    if len(shape) == 1:
-        return PlannedTensor(name, shape, np.dtype(np.float32), 4 * shape[0], T.F32, lambda: weight().numpy())
+    if len(shape) == 1 or keep_float == "F32":
+        return PlannedTensor(name, shape, np.dtype(np.float32), 4 * math.prod(shape), T.F32, lambda: weight().numpy())
+    if keep_float == "BF16":  # numpy has no bf16: the raw 2-byte values, as gguf-py takes them
+        out_features, in_features = shape
+        return PlannedTensor(name, (out_features, 2 * in_features), np.dtype(np.uint8), 2 * out_features * in_features, T.BF16,
+                             lambda: weight().to(torch.bfloat16).view(torch.uint8).numpy())
+    if keep_float == "F16":
+        type = "f16"
     fmt = "q8_0" if type == "q4_1" and name in EMBEDDING_TENSORS else type
     out_features, in_features = shape
     if fmt == "f16" or in_features % 32:
@@ -135,6 +147,8 @@ def export_dense_to_gguf(
         return load
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    head_key = TIED_EMBEDDING if tied and "lm_head.weight" not in files else "lm_head.weight"
+    head_float = _head_float_type(hf_model_dir, files, head_key)
     names = gguf_tensor_names(config)
     planned, used = [], set()
     for tensor in reader.tensors:
@@ -146,13 +160,31 @@ def export_dense_to_gguf(
         if key not in files:
             raise GGUFExportError(f"{hf_model_dir}: no tensor {hf_name} (GGUF {tensor.name} of {source.name})")
         heads = gguf_io.qk_heads(hf_name, config)
-        planned.append(_dense_tensor(tensor.name, loader(key), shapes[key], type, heads))
+        planned.append(_dense_tensor(tensor.name, loader(key), shapes[key], type, heads, head_float if key == head_key else None))
         used.add(key)
     extra = sorted(set(files) - used - ({"lm_head.weight"} if tied else set()))
     if extra:
         raise GGUFExportError(f"{hf_model_dir}: tensors with no place in {source.name}: {', '.join(extra[:3])}")
     file_type = {"f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_1": LlamaFileType.MOSTLY_Q4_1}[type]
     return write_gguf(reader, Path(out_path), planned, {"general.file_type": (int(file_type), GGUFValueType.UINT32)})
+
+
+def _head_float_type(hf_model_dir: Path, files: dict[str, Path], head_key: str) -> str | None:
+    """The GGUF float type of the output head when the merge gave it a dtype of its own
+    (quantization.json: extras.lm_head_dtype other than extras.merged_dtype), else None."""
+    from safetensors import safe_open
+
+    from qlorakit.metadata import read_spec
+
+    extras = (read_spec(hf_model_dir) or {}).get("extras") or {}
+    head, body = extras.get("lm_head_dtype"), extras.get("merged_dtype")
+    if head is None or body is None or head == body or head_key not in files:
+        return None
+    with safe_open(files[head_key], framework="pt") as f:
+        stored = f.get_slice(head_key).get_dtype()  # "F32" | "F16" | "BF16"
+    if stored not in ("F32", "F16", "BF16"):
+        raise GGUFExportError(f"{files[head_key]}: {head_key} is stored as {stored}, not a float type GGUF keeps")
+    return stored
 
 
 def _check_model_dir(path: Path) -> None:

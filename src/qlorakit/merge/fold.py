@@ -10,7 +10,8 @@ The sum is formed in fp32 and rounded once, to the requested dtype, so the only 
 single rounding. QuantLinear layers without adapters are dequantized; every other tensor
 (embeddings, norms, biases) is cast. The result is a new model of the source's architecture:
 nn.Linear / GPT-2 Conv1D layers with exactly the state-dict names and layouts of a model built
-from the same config (Conv1D weights back to (in_features, out_features)), tied embeddings tied.
+from the same config (Conv1D weights back to (in_features, out_features)), tied embeddings tied
+(unless asked to untie them). The output head may have a dtype of its own (`lm_head_dtype`).
 The input model is never modified.
 """
 
@@ -60,55 +61,58 @@ def fold_layer(module: nn.Module, original_weight: Tensor | None = None) -> tupl
 def merge_to_dense(
     model: nn.Module,
     dtype: torch.dtype,
-    keep_lm_head_fp16: bool = False,
+    lm_head_dtype: torch.dtype | None = None,
     original_weights: dict[str, Tensor] | None = None,
+    untie_embeddings: bool = False,
 ) -> nn.Module:
     """A new plain transformers model with every adapter folded in; see the module docstring.
 
     Args:
         model: a transformers causal LM with QuantLinear / LoraLinear / QALoraLinear layers.
         dtype: dtype of the merged weights (torch.bfloat16, torch.float16, torch.float32).
-        keep_lm_head_fp16: with dtype bf16, round the output head to fp16 instead (10 mantissa
-            bits instead of 7, same size). A head tied to the input embeddings is one tensor, so
-            the embeddings are kept in fp16 too; they stay tied. The returned model carries
-            forward hooks that cast activations across the dtype boundary (hooks are not saved;
-            vanilla `from_pretrained` casts every tensor to config.dtype, see write.py).
+        lm_head_dtype: dtype of the output head (None: `dtype`), e.g. fp16 in a bf16 merge (10
+            mantissa bits instead of 7, same size) or fp32. A head tied to the input embeddings is
+            one tensor with them: the embeddings take this dtype too and stay tied, unless
+            `untie_embeddings`. When the head's dtype differs from `dtype`, the returned model
+            carries forward hooks that cast activations across the boundary (hooks are not saved;
+            write.py records the dtype transformers reloads such a model in).
         original_weights: state-dict name -> original 16-bit tensor (`--into original`); these
             replace the dequantized weights (every quantized layer must have one) and any other
             tensor of the same name.
+        untie_embeddings: write a tied head as a tensor of its own (config.tie_word_embeddings
+            false), so that the embeddings keep `dtype`; a no-op for an untied model.
 
     Returns:
         The merged model on the source's device, in eval mode.
 
     Raises:
         MergeError: a quantized layer has no original weight, or an adapter is disabled.
-        ValueError: keep_lm_head_fp16 with dtype fp32 (it would lower the head's precision).
     """
-    if keep_lm_head_fp16 and dtype == torch.float32:
-        raise ValueError("merge.keep_lm_head_fp16: the merge dtype is fp32; an fp16 head would lose precision (use it with bf16)")
-    keep_head = keep_lm_head_fp16 and dtype == torch.bfloat16
+    head_dtype = lm_head_dtype or dtype
     original_weights = original_weights or {}
     heads = output_head_names(model)
     head = model.get_output_embeddings()
+    untie = untie_embeddings and _tied(model)
     head_tensor_ids = set()  # a dense head's tensors (and the embedding, when tied: the same tensor)
     if head is not None and not isinstance(head, (LoraLinear, QuantLinear)):
         head_tensor_ids = {id(t) for t in (head.weight, getattr(head, "bias", None)) if t is not None}
     device = next(model.parameters()).device
 
     state: dict[str, Tensor] = {}
-    casts: dict[int, Tensor] = {}  # id(source tensor) -> its copy: tied tensors stay one tensor
+    casts: dict[tuple[int, bool], Tensor] = {}  # (id(source tensor), of the untied head) -> its copy: tied tensors stay one
 
-    def cast(tensor: Tensor, target: torch.dtype) -> Tensor:
-        """A copy (never shared with the input model) in `target` if floating."""
-        if id(tensor) not in casts:
-            casts[id(tensor)] = tensor.detach().to(target if tensor.is_floating_point() else tensor.dtype, copy=True)
-        return casts[id(tensor)]
+    def cast(tensor: Tensor, target: torch.dtype, own_copy: bool = False) -> Tensor:
+        """A copy (never shared with the input model) in `target` if floating; `own_copy`: not
+        shared with another name's copy of the same tensor either (the head, untied)."""
+        if (id(tensor), own_copy) not in casts:
+            casts[id(tensor), own_copy] = tensor.detach().to(target if tensor.is_floating_point() else tensor.dtype, copy=True)
+        return casts[id(tensor), own_copy]
 
     folded_prefix = None
     for name, module in model.named_modules():
         if folded_prefix is not None and name.startswith(folded_prefix):
             continue  # base_layer / lora_A / lora_B of a layer already folded (named_modules is depth-first)
-        target = torch.float16 if keep_head and name in heads else dtype
+        target = head_dtype if name in heads else dtype
         if isinstance(module, (LoraLinear, QuantLinear)):
             folded_prefix = name + "."
             if isinstance(module, LoraLinear) and module.disabled:
@@ -128,27 +132,30 @@ def merge_to_dense(
         for key, tensor in module._parameters.items():
             if tensor is not None:
                 full = prefix + key
-                target = torch.float16 if keep_head and id(tensor) in head_tensor_ids else dtype
-                state[full] = cast(original_weights.get(full, tensor), target)
+                in_head = name in heads if untie else id(tensor) in head_tensor_ids
+                state[full] = cast(original_weights.get(full, tensor), head_dtype if in_head else dtype, untie and in_head)
         for key, tensor in module._buffers.items():
             if tensor is not None and key not in module._non_persistent_buffers_set:
                 state[prefix + key] = cast(tensor, dtype)
 
-    merged = _build_plain_model(model, dtype, state)
-    if keep_head:
+    merged = _build_plain_model(model, dtype, state, untie)
+    if head_dtype != dtype:
         _add_dtype_boundary_hooks(merged, dtype)
     return merged.to(device).eval()
 
 
-def _build_plain_model(model: nn.Module, dtype: torch.dtype, state: dict[str, Tensor]) -> nn.Module:
-    """Instantiate the source's architecture on the meta device and assign `state` into it."""
+def _build_plain_model(model: nn.Module, dtype: torch.dtype, state: dict[str, Tensor], untie: bool = False) -> nn.Module:
+    """Instantiate the source's architecture on the meta device and assign `state` into it
+    (`untie`: with config.tie_word_embeddings false, the head a tensor of its own)."""
     from qlorakit.models.load import build_skeleton
 
     config = clean_config(model.config)
     config.dtype = dtype
+    if untie:
+        config.tie_word_embeddings = False
     skeleton = build_skeleton(config, dtype, device="meta")
     expected = set(skeleton.state_dict())
-    tied = _tied(model)
+    tied = _tied(model) and not untie
     if bool(getattr(config, "tie_word_embeddings", False)) != tied:
         raise MergeError("config.tie_word_embeddings does not match the model: is the tied output head quantized or adapted?")
     missing = expected - set(state)
@@ -180,18 +187,23 @@ def _cast_input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
     return (args[0].to(module.weight.dtype),) + tuple(args[1:])
 
 
-def _make_output_cast(dtype: torch.dtype):
+def _make_output_cast(reference: Tensor):
+    """A forward hook casting the output to `reference`'s dtype at call time (a parameter of the
+    body, so that `computing_in` moves the boundary with it)."""
+
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return output.to(dtype)
+        return output.to(reference.dtype)
 
     return hook
 
 
 def _add_dtype_boundary_hooks(model: nn.Module, dtype: torch.dtype) -> None:
-    """fp16 head in a bf16 model: hidden states enter the head as fp16; a tied (fp16)
-    embedding's output leaves as `dtype`. Only the in-memory model needs these."""
+    """A head in a dtype of its own: hidden states enter the head in its dtype; a tied embedding
+    (the head's tensor, so in its dtype) hands the body `dtype`. Only the in-memory model needs
+    these: transformers reloads such a model in one dtype (write.py)."""
     head = model.get_output_embeddings()
     head.register_forward_pre_hook(_cast_input_to_weight_dtype)
     embed = model.get_input_embeddings()
     if embed.weight.dtype != dtype:
-        embed.register_forward_hook(_make_output_cast(dtype))
+        body = next(p for p in model.parameters() if p.is_floating_point() and p is not embed.weight and p.dtype == dtype)
+        embed.register_forward_hook(_make_output_cast(body))

@@ -31,11 +31,25 @@ from pathlib import Path
 import torch
 
 from qlorakit import metadata
-from qlorakit.dtypes import matmul_is_native, to_torch_dtype
+from qlorakit.dtypes import dtype_name, matmul_is_native, to_torch_dtype
 from qlorakit.merge.fidelity import FidelityReport, check_faithful, fidelity_report, probe_set, run_probes
 from qlorakit.merge.fold import MergeError, merge_to_dense
 from qlorakit.models.precision import computing_in
 from qlorakit.quant.linear import cached_dense_weights
+from qlorakit.quant.replace import heads_are_tied
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    """The output head's dtype in a 16-bit merge ("same": the merge dtype's) and whether a head
+    tied to the input embeddings is written as a tensor of its own (merge.lm_head_dtype,
+    merge.untie_embeddings)."""
+
+    dtype: str = "same"
+    untie_embeddings: bool = False
+
+    def dtype_in(self, merge_dtype: str) -> str:
+        return merge_dtype if self.dtype == "same" else self.dtype
 
 
 @dataclass
@@ -88,13 +102,9 @@ dtypes first (half the size of fp32), bf16 before fp16 (its range holds any weig
 mantissa bits keep more of a small update), fp32 last (the fold's own precision)."""
 
 
-def candidate_dtypes(dtype: str, keep_lm_head_fp16: bool = False) -> tuple[str, ...]:
-    """The merge dtypes `merge_loaded` tries for `dtype` (one name, or "auto": AUTO_DTYPES).
-
-    An fp16 head applies to a bf16 merge only, so "auto" with `keep_lm_head_fp16` stops at fp16."""
-    if dtype != "auto":
-        return (dtype,)
-    return tuple(d for d in AUTO_DTYPES if not (keep_lm_head_fp16 and d == "fp32"))
+def candidate_dtypes(dtype: str) -> tuple[str, ...]:
+    """The merge dtypes `merge_loaded` tries for `dtype` (one name, or "auto": AUTO_DTYPES)."""
+    return AUTO_DTYPES if dtype == "auto" else (dtype,)
 
 
 def merge_loaded(
@@ -104,7 +114,8 @@ def merge_loaded(
     *,
     dtype: str = "auto",
     into: str = "dequantized",
-    keep_lm_head_fp16: bool = False,
+    lm_head_dtype: str = "same",
+    untie_embeddings: bool = False,
     requantize: str | None = None,
     force: bool = False,
     overwrite: bool = False,
@@ -115,24 +126,30 @@ def merge_loaded(
     """Merge an adapter model already in memory (what `qlorakit train` and `demo` hold).
 
     `out` ending in .gguf, or an int4 QA-LoRA run with `keep_quantized` and `into` "dequantized",
-    take the exact fold (`merge_exact`; `dtype` and `keep_lm_head_fp16` do not apply there);
-    everything else is the 16-bit merge, in `dtype` or, for "auto", in the first of
-    `candidate_dtypes` whose merge passes the fidelity check. merge_report.json lists every dtype
-    tried with its agreement (`dtype_choice`). `force` writes the last candidate even when it is
-    not faithful.
+    take the exact fold (`merge_exact`; `dtype`, `lm_head_dtype` and `untie_embeddings` do not
+    apply there, and are refused when set); everything else is the 16-bit merge, in `dtype` or,
+    for "auto", in the first of `candidate_dtypes` whose merge passes the fidelity check, with the
+    output head in `lm_head_dtype` ("same": the merge dtype; see `merge_to_dense`).
+    merge_report.json lists every dtype tried with its agreement (`dtype_choice`). `force` writes
+    the last candidate even when it is not faithful.
 
     Raises:
         UnfaithfulMergeError: no candidate dtype gives a faithful merge (and not `force`).
     """
     exact = exact_merge_format(cfg, out, into, requantize, keep_quantized)
     if exact is not None:
+        if lm_head_dtype != "same" or untie_embeddings:
+            asked = f"lm_head_dtype {lm_head_dtype}" if lm_head_dtype != "same" else "untie_embeddings"
+            raise MergeError(f"merge {asked}: this {exact} merge is exact and keeps every tensor's format and dtype "
+                             f"(the head included); merge to a 16-bit directory to choose the head's dtype")
         return merge_exact(loaded, cfg, out, exact, force=force, overwrite=overwrite, min_agreement=min_agreement, spec=spec)
     started = time.perf_counter()
-    candidates = candidate_dtypes(dtype, keep_lm_head_fp16)
+    candidates = candidate_dtypes(dtype)
+    head = HeadChoice(lm_head_dtype, untie_embeddings)
     tried: list[dict] = []
     for candidate in candidates:
         last = candidate == candidates[-1]
-        result = _merge_dense(loaded, cfg, out, candidate, into, keep_lm_head_fp16, requantize, force and last,
+        result = _merge_dense(loaded, cfg, out, candidate, into, head, requantize, force and last,
                               overwrite, min_agreement, spec, tried, requested=dtype, last=last)
         if result is not None:
             result.seconds = time.perf_counter() - started
@@ -140,7 +157,7 @@ def merge_loaded(
     raise AssertionError("unreachable: the last candidate dtype returns or raises")
 
 
-def _merge_dense(loaded, cfg, out, dtype: str, into: str, keep_lm_head_fp16: bool, requantize: str | None,
+def _merge_dense(loaded, cfg, out, dtype: str, into: str, head: HeadChoice, requantize: str | None,
                  force: bool, overwrite: bool, min_agreement: float, spec: dict | None, tried: list[dict],
                  requested: str, last: bool) -> MergeResult | None:
     """One 16-bit merge in `dtype`. Unfaithful and not `last`: records the try in `tried`, writes
@@ -150,13 +167,14 @@ def _merge_dense(loaded, cfg, out, dtype: str, into: str, keep_lm_head_fp16: boo
 
     adapter_model, tokenizer = loaded.model, loaded.tokenizer
     original = original_weights_of(loaded.source) if into == "original" else None
-    merged = merge_to_dense(adapter_model, to_torch_dtype(dtype), keep_lm_head_fp16, original)
+    merged = merge_to_dense(adapter_model, to_torch_dtype(dtype), to_torch_dtype(head.dtype_in(dtype)), original,
+                            head.untie_embeddings)
     # The weights are written into a hidden directory while the fidelity report runs; it becomes
     # `out` only if the merge is faithful (or forced), and is removed otherwise.
     staged = StagedWrite(merged, tokenizer, out, overwrite=overwrite) if out is not None else None
     try:
         report, fidelity, rq_fidelity, survival, rq_survival, requantized = _check_merge(
-            adapter_model, merged, tokenizer, cfg, dtype, into, keep_lm_head_fp16, requantize, min_agreement, original)
+            adapter_model, merged, tokenizer, cfg, dtype, into, head, requantize, min_agreement, original)
         tried.append({"dtype": dtype, "greedy_token_agreement": fidelity.greedy_token_agreement,
                       "faithful": report["faithful"]})
         report["dtype_choice"] = {"requested": requested, "tried": list(tried)}
@@ -169,8 +187,8 @@ def _merge_dense(loaded, cfg, out, dtype: str, into: str, keep_lm_head_fp16: boo
         out_dir = None
         if staged is not None:
             spec = spec or metadata.build_spec(cfg, loaded.source.name, Path(cfg.data.path).stem, loaded.source.location)
-            head = report["lm_head_dtype"]
-            files = {"quantization.json": metadata.merged_spec(spec, dtype, into, head), "merge_report.json": report}
+            files = {"quantization.json": metadata.merged_spec(spec, dtype, into, report["lm_head_dtype"]),
+                     "merge_report.json": report}
             out_dir = staged.commit(files)
     except BaseException:
         if staged is not None:
@@ -194,7 +212,7 @@ def _refuse_unfaithful(fidelity: FidelityReport, min_agreement: float, survival:
         raise
 
 
-def _check_merge(adapter_model, merged, tokenizer, cfg, dtype: str, into: str, keep_lm_head_fp16: bool,
+def _check_merge(adapter_model, merged, tokenizer, cfg, dtype: str, into: str, head: HeadChoice,
                  requantize: str | None, min_agreement: float, original):
     """The fidelity report and update survival of a 16-bit merge (and of its re-quantized twin).
     Returns (report, fidelity, rq_fidelity, survival, rq_survival, requantized model); the
@@ -202,14 +220,18 @@ def _check_merge(adapter_model, merged, tokenizer, cfg, dtype: str, into: str, k
     from qlorakit.merge.requantize import requantize_like_peft
     from qlorakit.merge.survival import update_survivals
 
+    tied_before = heads_are_tied(adapter_model)
     prompts = probe_set(training_prompts(cfg.data.path))
     # Both models compute at one precision, so that the report measures the merge, not the gap
     # between bf16 and fp32 arithmetic (models/precision.py): the merged model's own, or fp32 where
     # the device only emulates it (a 16-bit probe run would take minutes there); the merged
-    # weights are the rounded ones either way. (A kept fp16 head casts activations at its boundary
-    # and keeps its own dtype's arithmetic.)
+    # weights are the rounded ones either way. A head in a dtype of its own makes transformers
+    # reload the model in fp32 (merge/write.py), so such a merge is checked in fp32, as it is served.
+    from qlorakit.merge.write import reload_dtype
+
+    reloads_as = dtype_name(reload_dtype(merged))
     native = matmul_is_native(dtype, next(merged.parameters()).device)
-    arithmetic = dtype if native or keep_lm_head_fp16 else "fp32"
+    arithmetic = dtype if native and reloads_as == dtype else "fp32"
     with computing_in(adapter_model, to_torch_dtype(arithmetic)), cached_dense_weights(adapter_model):
         reference = run_probes(adapter_model, tokenizer, prompts)
     with computing_in(merged, to_torch_dtype(arithmetic)):
@@ -228,7 +250,9 @@ def _check_merge(adapter_model, merged, tokenizer, cfg, dtype: str, into: str, k
         "dtype": dtype,
         "evaluated_in": arithmetic,
         "into": into,
-        "lm_head_dtype": "fp16" if keep_lm_head_fp16 else dtype,
+        "lm_head_dtype": head.dtype_in(dtype),
+        "embeddings": ("untied" if head.untie_embeddings else "tied") if tied_before else "separate",
+        "reloads_as": reloads_as,
         "min_agreement": min_agreement,
         "faithful": fidelity.greedy_token_agreement >= min_agreement,
         "fidelity": fidelity.to_dict(),
@@ -399,6 +423,12 @@ def format_merge(result: MergeResult) -> str:
     else:
         loss = "exact fold: 1, 0; the only loss is the final cast"
     lines.append(f"  update kept {kept:.4f}, noise {noise:.4f} x |update| ({loss})")
+    head, body = result.report.get("lm_head_dtype"), result.report.get("dtype")
+    if head is not None and head != body:
+        tied = " (with the input embeddings it is tied to)" if result.report.get("embeddings") == "tied" else ""
+        lines.append(f"  output head in {head}{tied}, the rest in {body}; config.json says {result.report['reloads_as']}: "
+                     f"transformers loads a model in one dtype, and only that one holds every stored tensor exactly "
+                     f"(from_pretrained(..., dtype={body}) takes the smaller footprint and rounds the head)")
     changes = result.report.get("format_changes") or {}
     if changes:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(changes.values()).items()))

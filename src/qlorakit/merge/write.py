@@ -9,10 +9,13 @@ end, so an interrupted merge leaves no directory that looks complete (a leftover
 directory is hidden and named as such). Vanilla `AutoModelForCausalLM.from_pretrained(out_dir)`
 and `AutoTokenizer.from_pretrained(out_dir)` load it without qlorakit.
 
-dtype on reload: config.json records the dtype most of the weights have. transformers 5.23's
-`from_pretrained` casts every tensor to that dtype (measured), so an fp16 head kept by
-`merge_to_dense(keep_lm_head_fp16=True)` is stored as fp16 in the file but comes back bf16 in
-vanilla transformers; readers that keep per-tensor dtypes (safetensors, GGUF converters) see fp16.
+dtype on reload: transformers 5.24's `from_pretrained` loads a model in one dtype, config.json's,
+casting every tensor to it (its only per-module exception is a class's `_keep_in_fp32_modules`;
+measured). So config.json records `reload_dtype(model)`: the weights' dtype when they share one,
+and fp32 when the output head has its own (`merge_to_dense(lm_head_dtype=...)`): fp32 holds bf16
+and fp16 values exactly, so a vanilla reload computes with every stored weight unchanged, at
+fp32's memory; `from_pretrained(dir, dtype=torch.bfloat16)` trades the head's extra bits for half
+of it. The files keep each tensor in its own dtype for readers that keep it (safetensors, GGUF).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -41,13 +43,11 @@ def state_dict_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def main_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype holding the most parameters (the model's dtype, whatever the head's)."""
-    counts: Counter = Counter()
-    for parameter in model.parameters():  # tied parameters are yielded once
-        if parameter.is_floating_point():
-            counts[parameter.dtype] += parameter.numel()
-    return counts.most_common(1)[0][0]
+def reload_dtype(model: nn.Module) -> torch.dtype:
+    """The one dtype in which transformers reloads every floating parameter of `model` exactly:
+    theirs when they share one, else fp32 (which holds bf16 and fp16 values exactly)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def save_merged(
@@ -124,15 +124,15 @@ class StagedWrite:
 
 
 def _write_model(model: nn.Module, directory: Path, max_shard_size) -> None:
-    """Weights, generation_config.json and a config.json without source attributes, in the
-    dtype most of the weights have (save_pretrained records the first parameter's: a tied fp16
-    embedding, the fp16 head of a bf16 merge, would make transformers load the whole model as fp16)."""
+    """Weights, generation_config.json and a config.json without source attributes, whose dtype
+    is `reload_dtype(model)` (save_pretrained records the first parameter's: a tied fp16 embedding
+    of a bf16 merge would make transformers load the whole model as fp16)."""
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     config = clean_config(model.config)  # no quantization_config / GGUF attributes in config.json
     config.save_pretrained(directory)
     config_path = directory / "config.json"
     saved = json.loads(config_path.read_text(encoding="utf-8"))
-    saved["dtype"] = str(main_dtype(model)).removeprefix("torch.")
+    saved["dtype"] = str(reload_dtype(model)).removeprefix("torch.")
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
