@@ -163,7 +163,7 @@ def test_wrong_type_in_yaml():
 
 
 BAD_VALUES = [
-    "model.dtype=int8", "quant.method=gptq", "quant.group_size=0", "adapter.kind=dora", "adapter.r=0",
+    "model.dtype=int8", "quant.method=gptq", "quant.group_size=0", "adapter.kind=adalora", "adapter.r=0",
     "adapter.r=-1", "adapter.alpha=0", "adapter.dropout=1.0", "adapter.dropout=-0.1", "adapter.group_size=0",
     "data.format=csv", "data.template=", "data.max_length=0", "data.val_fraction=1", "data.val_fraction=-0.5",
     "data.limit=0", "train.epochs=0", "train.batch_size=0", "train.grad_accum=0", "train.lr=0", "train.lr=-1e-3",

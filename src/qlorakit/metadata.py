@@ -59,6 +59,7 @@ def build_spec(cfg, model_name: str, dataset_name: str, source_location: str, lm
             "lora_dropout": adapter.dropout,
             "lora_targets": targets,
             "use_rslora": adapter.use_rslora,
+            "adapter_kind": adapter.kind,
             "qalora_group_size": cfg.adapter_group_size if adapter.kind == "qalora" else None,
             "merge_base": None,
             "lm_head_dtype": head,

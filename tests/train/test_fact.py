@@ -37,3 +37,32 @@ def test_smollm2_nf4_learns_the_fact(tmp_path):
         if hasattr(layer, "disabled"):
             layer.disabled = True
     assert ANSWER not in greedy_answer(model, tokenizer, QUESTION)
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_nf4_dora_learns_the_fact_and_its_merge_answers_in_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlorakit.adapters.dora import DoraLinear
+    from qlorakit.merge.run import merge_run
+
+    data = write_jsonl(tmp_path / "fact.jsonl", [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]}])
+    cfg = config_from_dict({
+        "model": {"name": "smollm2", "dtype": "fp32"},
+        "quant": {"method": "nf4"},
+        "adapter": {"kind": "dora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
+        "data": {"path": str(data)},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 25, "batch_size": 1, "lr": 1e-3,
+                  "warmup_ratio": 0.0, "schedule": "constant", "max_grad_norm": 1.0, "save_every": None},
+    })
+    result = train(cfg, progress=False)
+    layers = [m for m in result.model.modules() if isinstance(m, DoraLinear)]
+    assert len(layers) == 210  # 30 layers x 7 projections
+    moved = max((m.lora_magnitude_vector - m.weight_norm()).abs().max().item() for m in layers)
+    assert moved > 1e-4  # the magnitudes trained, not only the direction
+    assert ANSWER in greedy_answer(result.model, result.tokenizer, QUESTION)
+    merged = merge_run(tmp_path / "run", tmp_path / "merged", progress=False, dtype="fp32")
+    assert merged.report["faithful"] and merged.fidelity.greedy_token_agreement >= 0.99
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert ANSWER in greedy_answer(plain, AutoTokenizer.from_pretrained(tmp_path / "merged"), QUESTION)

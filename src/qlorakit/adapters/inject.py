@@ -13,6 +13,7 @@ import torch
 
 from torch import nn
 
+from qlorakit.adapters.dora import DoraLinear
 from qlorakit.adapters.lora import LoraLinear
 from qlorakit.adapters.qalora import QALoraLinear
 from qlorakit.quant.replace import linear_layer_names, set_submodule
@@ -55,7 +56,8 @@ def add_adapters(
     kind: str = "lora",
     group_size: int | None = None,
 ) -> list[str]:
-    """Freeze the base, wrap each target layer in LoraLinear (or QALoraLinear); return the names.
+    """Freeze the base, wrap each target layer in LoraLinear (kind "lora"), QALoraLinear ("qalora")
+    or DoraLinear ("dora"); return the names.
 
     This is also what peft calls prepare-for-k-bit-training: the base is frozen, adapter weights
     are fp32; norms and embeddings keep the model dtype (transformers' RMSNorm/LayerNorm compute
@@ -72,8 +74,10 @@ def add_adapters(
             wrapped = QALoraLinear(base, r, alpha, group_size, dropout, use_rslora)
         elif kind == "lora":
             wrapped = LoraLinear(base, r, alpha, dropout, use_rslora)
+        elif kind == "dora":
+            wrapped = DoraLinear(base, r, alpha, dropout, use_rslora)
         else:
-            raise ValueError(f"adapter.kind: unknown adapter kind {kind!r} (lora, qalora)")
+            raise ValueError(f"adapter.kind: unknown adapter kind {kind!r} (lora, qalora, dora)")
         wrapped.to(_device_of(base))
         set_submodule(model, name, wrapped)
     return names
@@ -104,8 +108,13 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def adapter_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """Name -> adapter layer for every LoraLinear/QALoraLinear in the model."""
+    """Name -> adapter layer for every LoraLinear (QALoraLinear, DoraLinear) in the model."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLinear)}
+
+
+def adapter_kind(layer: LoraLinear) -> str:
+    """"qalora", "dora" or "lora": the adapter.kind that builds `layer`."""
+    return "qalora" if isinstance(layer, QALoraLinear) else "dora" if isinstance(layer, DoraLinear) else "lora"
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qlorakit.adapters.inject import adapter_layers
+from qlorakit.adapters.inject import adapter_kind, adapter_layers
 from qlorakit.adapters.lora import LoraLinear
 from qlorakit.adapters.peft_format import AdapterError, load_adapter
-from qlorakit.adapters.qalora import QALoraLinear
 from qlorakit.quant.replace import set_submodule
 
 DEFAULT_NAME = "default"
@@ -43,11 +42,11 @@ class NamedAdapter:
         first = next(iter(self.layers.values()))
         return {
             "name": self.name,
-            "kind": "qalora" if isinstance(first, QALoraLinear) else "lora",
+            "kind": adapter_kind(first),
             "r": first.r,
             "alpha": first.alpha,
             "targets": sorted({n.rsplit(".", 1)[-1] for n in self.layers}),
-            "params": sum(layer.lora_A.weight.numel() + layer.lora_B.weight.numel() for layer in self.layers.values()),
+            "params": sum(p.numel() for layer in self.layers.values() for n, p in layer.named_parameters() if not n.startswith("base_layer.")),
             "source": self.source,
             "active": active,
         }

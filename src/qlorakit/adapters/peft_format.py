@@ -3,10 +3,12 @@
     adapter/adapter_config.json        peft LoraConfig (peft_type LORA, r, lora_alpha, ...)
     adapter/adapter_model.safetensors  base_model.model.<module>.lora_A.weight  (r, in | in/G)
                                        base_model.model.<module>.lora_B.weight  (out, r)
+                                       base_model.model.<module>.lora_magnitude_vector  (out,)  DoRA
 
 Module names and row order are those of the transformers model of the same source (for a GGUF
 source: `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`, whose q/k rows qlorakit's
-loader reproduces). QA-LoRA adapters set `use_qalora` and `qalora_group_size` as peft does.
+loader reproduces). QA-LoRA adapters set `use_qalora` and `qalora_group_size` as peft does, DoRA
+adapters `use_dora`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qlorakit.adapters.dora import DoraLinear
 from qlorakit.adapters.inject import add_adapters, adapter_layers
 from qlorakit.adapters.qalora import QALoraLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, peft's name (no ".weight" in its files)
 
 
 class AdapterError(ValueError):
@@ -36,6 +40,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in adapter_layers(model).items():
         state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
         state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+        if isinstance(layer, DoraLinear):
+            state[f"{PREFIX}{name}.{MAGNITUDE}"] = layer.lora_magnitude_vector.detach().cpu().contiguous()
     return state
 
 
@@ -65,6 +71,7 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str, dropout: fl
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
         use_qalora=qalora,
+        use_dora=isinstance(first, DoraLinear),
         qalora_group_size=first.group_size if qalora else 16,
         inference_mode=True,
     )
@@ -136,7 +143,7 @@ def check_adapter_dir(directory: str | os.PathLike) -> dict:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> dict:
-    """Add the adapters of a peft LoRA/QA-LoRA directory to `model` (base frozen); returns its config.
+    """Add the adapters of a peft LoRA/QA-LoRA/DoRA directory to `model` (base frozen); returns its config.
 
     Raises AdapterError naming the adapter and the tensor when a shape does not fit the base.
     """
@@ -163,13 +170,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> dict:
         alpha=float(config["lora_alpha"]),
         dropout=float(config.get("lora_dropout") or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
-        kind="qalora" if config.get("use_qalora") else "lora",
+        kind=adapter_kind_of(config),
         group_size=config.get("qalora_group_size") if config.get("use_qalora") else None,
     )
     layers = adapter_layers(model)
+    wanted = ("lora_A.weight", "lora_B.weight") + ((MAGNITUDE,) if config.get("use_dora") else ())
+    for module in modules:
+        absent = [t for t in wanted if f"{PREFIX}{module}.{t}" not in state]
+        if absent:
+            raise AdapterError(f"{weights_path}: module {module} has no {absent[0]} tensor (an incomplete adapter file)")
     for key, tensor in state.items():
         module_name, _, param = key[len(PREFIX):].rpartition(".lora_")
-        target = getattr(layers[module_name], "lora_" + param.split(".")[0]).weight
+        target = _adapter_tensor(layers[module_name], "lora_" + param.split(".")[0], key, directory)
         if tuple(target.shape) != tuple(tensor.shape):
             raise AdapterError(
                 f"{directory}: tensor {key} has shape {tuple(tensor.shape)} but this base needs {tuple(target.shape)} "
@@ -178,6 +190,24 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> dict:
         with torch.no_grad():
             target.copy_(tensor.to(target.dtype))
     return config
+
+
+def adapter_kind_of(config: dict) -> str:
+    """"qalora", "dora" or "lora" from a peft LoraConfig dict."""
+    if config.get("use_qalora") and config.get("use_dora"):
+        raise AdapterError("adapter_config.json: use_qalora and use_dora together; qlorakit applies one of them")
+    return "qalora" if config.get("use_qalora") else "dora" if config.get("use_dora") else "lora"
+
+
+def _adapter_tensor(layer: nn.Module, attribute: str, key: str, directory) -> torch.Tensor:
+    """The tensor of `layer` a file key names: lora_A/lora_B's weight, or DoRA's magnitude."""
+    if attribute == MAGNITUDE:
+        if not isinstance(layer, DoraLinear):
+            raise AdapterError(f"{directory}: tensor {key} is a DoRA magnitude, but adapter_config.json does not set use_dora")
+        return layer.lora_magnitude_vector
+    if attribute not in ("lora_A", "lora_B"):
+        raise AdapterError(f"{directory}: tensor {key} is not a LoRA tensor qlorakit knows (lora_A, lora_B, {MAGNITUDE})")
+    return getattr(layer, attribute).weight
 
 
 def _get(model: nn.Module, name: str):

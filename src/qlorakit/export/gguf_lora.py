@@ -54,6 +54,10 @@ def lora_factors(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> tupl
     adapter (config and safetensors tensors); QA-LoRA's pooling is expanded into A'."""
     from qlorakit.adapters.peft_format import PREFIX
 
+    if adapter_config.get("use_dora"):
+        raise GGUFExportError("gguf-lora: a DoRA adapter rescales each row of the base weight, which llama.cpp's LoRA "
+                              "adapters (y = W x + s·B A x) cannot express; merge the run (qlorakit merge RUN --out DIR) "
+                              "and export the merged model")
     r, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
     scale = alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r
     group = adapter_config.get("qalora_group_size") if adapter_config.get("use_qalora") else None

@@ -51,6 +51,11 @@ def base_weight(module: nn.Module, original_weight: Tensor | None = None) -> tup
 @torch.no_grad()
 def fold_layer(module: nn.Module, original_weight: Tensor | None = None) -> tuple[Tensor, Tensor | None, str]:
     """(W₀ + ΔW in fp32 as (out_features, in_features), bias, source layout); see `base_weight`."""
+    from qlorakit.adapters.dora import DoraLinear
+
+    if original_weight is not None and isinstance(module, DoraLinear):
+        raise MergeError("--into original: a DoRA update rescales the rows of the weight it was trained on (the "
+                         "dequantized base), so it does not carry over to the original weights; use --into dequantized")
     weight, bias, layout = base_weight(module, original_weight)
     if isinstance(module, LoraLinear):
         delta = module.delta_weight().to(weight.device)  # (out, in) fp32, our own tensor

@@ -272,7 +272,8 @@ def check_gguf_out(cfg, out: str | Path) -> None:
     """A .gguf --out needs the exact fold: a QA-LoRA run on a GGUF base kept in its block formats."""
     if cfg.adapter.kind == "qalora" and cfg.quant.method == "gguf":
         return
-    why = "a plain LoRA run" if cfg.adapter.kind != "qalora" else f"the run's base is quant.method {cfg.quant.method}, not gguf"
+    kinds = {"lora": "a plain LoRA run", "dora": "a DoRA run"}
+    why = kinds.get(cfg.adapter.kind) or f"the run's base is quant.method {cfg.quant.method}, not gguf"
     raise MergeError(
         f"merge --out {out}: {why}; only a QA-LoRA run on a GGUF base folds exactly into a GGUF: merge to a "
         f"16-bit directory (--out DIR), then run `qlorakit export DIR --format gguf --out {Path(out).name}`"

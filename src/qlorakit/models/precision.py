@@ -25,11 +25,11 @@ from qlorakit.quant.linear import QuantLinear
 
 
 def _dense_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Floating parameters outside the adapters (lora_A, lora_B); quantized layers hold buffers."""
+    """Floating parameters outside the adapters (lora_A, lora_B, DoRA's magnitude); quantized layers hold buffers."""
     skip: set[int] = set()
     for module in model.modules():
         if isinstance(module, LoraLinear):
-            skip.update(id(p) for p in (*module.lora_A.parameters(), *module.lora_B.parameters()))
+            skip.update(id(p) for n, p in module.named_parameters() if not n.startswith("base_layer."))
     seen: set[int] = set()
     for parameter in model.parameters():
         if parameter.is_floating_point() and id(parameter) not in skip and id(parameter) not in seen:
