@@ -16,6 +16,7 @@ hits both; every other configuration runs once. Reported (medians over rounds; p
                                   so under "skipped", unless --bf16-rows
   mfu                             achieved FLOPs / the best matmul peak measured in this run (bench/peak.py)
   varlen_tokens_per_s             real (non-padding) tokens/s on instruction-like lengths, packed
+  dora_tokens_per_s               the qlorakit row with adapter.kind dora (dora_vs_lora: against the qlorakit row)
   gemma3_tokens_per_s             Gemma 3 270M Q4_K_M (gemma3-270m) trained over the file's own blocks (quant gguf)
                                   and the same model in NF4, batch 2 x 256; gemma3_gguf_vs_nf4 is their ratio
   demo_seconds                    `make demo`, end to end
@@ -139,6 +140,7 @@ def main() -> None:
         _worker("qlorakit_bf16", "--impl", "qlorakit", "--dtype", "bf16", steps=args.steps),
         _worker("qlorakit_gc", "--impl", "qlorakit", "--dtype", fast, "--gc", steps=args.steps),
         _worker("varlen", "--impl", "qlorakit", "--dtype", fast, "--varlen", steps=args.steps),
+        _worker("qlorakit_dora", "--impl", "qlorakit", "--dtype", fast, "--kind", "dora", steps=args.steps),
         # Gemma 3 270M Q4_K_M over its own blocks (q4_k, q6_k, q5_0, q8_0) against the same model in NF4
         _worker("gemma3_gguf", "--impl", "qlorakit", "--dtype", fast, "--model", "gemma3-270m", "--quant", "gguf",
                 "--batch", "2", steps=args.steps),
@@ -203,6 +205,9 @@ def main() -> None:
         "gemma3_tokens_per_s": {"gguf_blocks": tokens["gemma3_gguf"], "nf4": tokens["gemma3_nf4"]},
         "gemma3_peak_rss_mib": {"gguf_blocks": _max(runs["gemma3_gguf"], "peak_rss_mib"), "nf4": _max(runs["gemma3_nf4"], "peak_rss_mib")},
         "gemma3_gguf_vs_nf4": _ratio(tokens["gemma3_gguf"], tokens["gemma3_nf4"]),
+        "dora_tokens_per_s": tokens["qlorakit_dora"],
+        "dora_peak_rss_mib": _max(runs["qlorakit_dora"], "peak_rss_mib"),
+        "dora_vs_lora": _ratio(tokens["qlorakit_dora"], tokens["qlorakit"]),
         "varlen_tokens_per_s": tokens["varlen"],
         "varlen_vs_fixed": _ratio(tokens["varlen"], tokens["qlorakit"]),
         "demo_seconds": demo.get("seconds"),
@@ -303,6 +308,8 @@ def format_table(r: dict) -> str:
          f"peak RSS {rss['qlorakit_bf16']} MiB" if t["qlorakit_bf16"] else r["skipped"].get("qlorakit_bf16", "")),
         ("training tokens/s, qlorakit + checkpointing", t["qlorakit_gc"], f"peak RSS {rss['qlorakit_gc']} MiB"),
         ("qlorakit / HF reference", r["speedup_vs_hf_reference"], f"vs HF fp32: {r['speedup_vs_hf_reference_fp32']}"),
+        ("training tokens/s, qlorakit DoRA", r["dora_tokens_per_s"],
+         f"peak RSS {r['dora_peak_rss_mib']} MiB; {r['dora_vs_lora']} x LoRA (dropout 0.05: W₀ x is recomputed on the dropped-out input)"),
         ("variable-length real tokens/s (packed)", r["varlen_tokens_per_s"], f"{r['varlen_vs_fixed']} x fixed-length"),
         ("Gemma 3 270M Q4_K_M over its own blocks, tokens/s", r["gemma3_tokens_per_s"]["gguf_blocks"],
          f"batch 2 x 256, peak RSS {r['gemma3_peak_rss_mib']['gguf_blocks']} MiB; {r['gemma3_gguf_vs_nf4']} x the same model in NF4 "

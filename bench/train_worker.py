@@ -3,6 +3,7 @@
     python bench/train_worker.py --impl qlorakit --dtype fp32 --steps 4 --warmup 1
     python bench/train_worker.py --impl hf --gc          # the Hugging Face stack reference
     python bench/train_worker.py --impl qlorakit --dtype fp32 --model gemma3-270m --quant gguf   # K-quant blocks
+    python bench/train_worker.py --impl qlorakit --dtype fp32 --kind dora   # DoRA (--impl hf: peft's use_dora)
 
 Both sides train SmolLM2-135M-Instruct with LoRA r=16 (alpha 32, dropout 0.05) on all seven
 projections (q, k, v, o, gate, up, down) over an NF4 (double-quantized) base, batch 4 x 256
@@ -54,7 +55,7 @@ def _train_in(work: Path, args) -> dict:
     cfg = config_from_dict({
         "model": {"name": args.model, "dtype": args.dtype},
         "quant": {"method": args.quant, "double_quant": True},
-        "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "targets": TARGETS},
+        "adapter": {"kind": args.kind, "r": 16, "alpha": 32, "dropout": 0.05, "targets": TARGETS},
         "data": {"path": str(rows_path), "format": "text", "max_length": args.seq_len, "packing": args.varlen},
         "train": {"output_dir": str(work / "run"), "max_steps": args.steps + args.warmup, "batch_size": args.batch,
                   "lr": 2e-4, "schedule": "constant", "warmup_ratio": 0.0, "save_every": None,
@@ -79,7 +80,8 @@ def run_hf(args) -> dict:
                                bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gc)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM",
+                                             use_dora=args.kind == "dora"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     batches = bench_data.token_batches(args.batch, args.seq_len, args.steps + args.warmup)
     model.train()
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
     parser.add_argument("--model", default="smollm2", help="qlorakit only: the model (smollm2, gemma3-270m, a path)")
     parser.add_argument("--quant", default="nf4", help="qlorakit only: quant.method (nf4, or gguf: the file's own blocks)")
+    parser.add_argument("--kind", choices=["lora", "dora"], default="lora", help="adapter.kind (peft: use_dora)")
     parser.add_argument("--varlen", action="store_true", help="instruction-like lengths, packed (qlorakit only)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -112,7 +115,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     result = (run_qlorakit if args.impl == "qlorakit" else run_hf)(args)
-    result.update(impl=args.impl, model=args.model, quant=args.quant if args.impl == "qlorakit" else "nf4", dtype=args.dtype, gc=args.gc, varlen=args.varlen, batch=args.batch, seq_len=args.seq_len,
+    result.update(impl=args.impl, kind=args.kind, model=args.model, quant=args.quant if args.impl == "qlorakit" else "nf4", dtype=args.dtype, gc=args.gc, varlen=args.varlen, batch=args.batch, seq_len=args.seq_len,
                   peak_rss_mib=round(peak_rss_mib(), 1), wall_seconds=round(time.perf_counter() - started, 1))
     print(json.dumps(result))
 

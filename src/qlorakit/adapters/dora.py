@@ -51,15 +51,16 @@ class DoraLinear(LoraLinear):
         y = self.base_layer(x)  # (..., out) = W₀ x + b
         if self.disabled:
             return y
-        weight = self.base_weight()
-        scale = self.magnitude_scale(weight)  # (out,)
+        scale = self.magnitude_scale()  # (out,); W₀ is dequantized for the norm and dropped again
+        bias = getattr(self.base_layer, "bias", None)
         if self.training and self.dropout_p() > 0:
-            # The adapter reads dropout(x), so W₀ x is recomputed on the same dropped-out input (as peft does).
-            dropped = self.lora_dropout(x).float()
-            base_out = F.linear(dropped, weight)
-            lora_out = self.scaling * F.linear(F.linear(dropped, self.lora_A.weight), self.lora_B.weight)
+            # The adapter reads dropout(x), so W₀ x is recomputed on the same dropped-out input (as peft
+            # does), through the base layer: its backward dequantizes W₀ again instead of keeping it.
+            dropped = self.lora_dropout(x)
+            base_out = self.base_layer(dropped)
+            base_out = (base_out if bias is None else base_out - bias).float()
+            lora_out = self.scaling * F.linear(F.linear(dropped.float(), self.lora_A.weight), self.lora_B.weight)
         else:
-            bias = getattr(self.base_layer, "bias", None)
             base_out = (y if bias is None else y - bias).float()
             lora_out = self.update(x)  # s · B A x, fp32
         return y + ((scale - 1) * base_out + scale * lora_out).to(y.dtype)
