@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 24GiB or 80GB (default: plan the CPU process)")
     p.add_argument("--processes", type=int, default=1, help="processes (GPUs) in data parallel (default 1)")
     p.add_argument("--fsdp", action="store_true", help="FSDP: shard weights, adapters, gradients and optimizer over --processes")
+    p.add_argument("--suggest", metavar="OUT.yaml", help="choose r, batch x grad_accum, max_length, checkpointing and the optimizer "
+                                                         "so that the plan fits (--gpu-memory, else this machine's free memory); write that config")
+    p.add_argument("--overwrite", action="store_true", help="with --suggest: replace an existing OUT.yaml")
     p = sub.add_parser("train", parents=[common], help="fine-tune adapters on a quantized base")
     p.add_argument("config", nargs="?", help="YAML config (keys left out take their defaults)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
@@ -201,8 +204,17 @@ def _plan(args: argparse.Namespace) -> int:
     if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
         config_path, overrides = None, [config_path, *overrides]  # overrides only, as for train
     gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
-    plan = plan_config(load_config(config_path, overrides), gpu_memory, args.processes, args.fsdp)
-    _emit(args, plan.to_dict(), format_plan(plan))
+    cfg = load_config(config_path, overrides)
+    if args.suggest is None:
+        plan = plan_config(cfg, gpu_memory, args.processes, args.fsdp)
+        _emit(args, plan.to_dict(), format_plan(plan))
+        return 0
+    from qlorakit.plan.report import suggest_config
+    from qlorakit.plan.suggest import format_suggestion
+
+    suggestion = suggest_config(cfg, args.suggest, gpu_memory, args.processes, args.fsdp, overwrite=args.overwrite)
+    _emit(args, {**suggestion.plan.to_dict(), "suggestion": suggestion.to_dict(), "out": args.suggest},
+          format_plan(suggestion.plan) + "\n\n" + format_suggestion(suggestion, args.suggest))
     return 0
 
 

@@ -281,7 +281,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dtype": _one_of(*DTYPES),
     "merge.dtype": _one_of("auto", *DTYPES),
     "quant.method": _one_of("nf4", "fp4", "int4", "gguf", "none"),
-    "adapter.kind": _one_of("lora", "qalora", "dora"),
+    "adapter.kind": _one_of("lora", "qalora", "dora", "vera"),
     "data.format": _one_of("auto", "alpaca", "chat", "prompt-completion", "text"),
     "train.schedule": _one_of("constant", "linear", "cosine"),
     "train.optimizer": _one_of("adamw", "adamw8bit"),

@@ -102,6 +102,10 @@ def test_lm_head_dtype_is_kept_recorded_and_reloads_exactly(tiny_runs, tmp_path,
     assert torch.equal(head, loaded.model.lm_head.weight.float())  # the trained run's head, not rounded
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.lm_head.weight.dtype == torch.float32 and torch.equal(reloaded.lm_head.weight, head)
+    from qlorakit.models.restore import load_any
+
+    ours = load_any(str(out), progress=False).model  # qlorakit's own reader (eval, chat) keeps it too
+    assert ours.lm_head.weight.dtype == torch.float32 and torch.equal(ours.lm_head.weight, head)
 
 
 def test_lm_head_dtype_conflicts_and_exact_merges_are_refused(tiny_runs, tmp_path, cli):

@@ -55,7 +55,7 @@ def _train(base, folder, cli, adapter: dict, quant: dict = None, steps: int = 3,
     return folder / "run"
 
 
-@pytest.fixture(scope="module", params=["lora", "qalora"])
+@pytest.fixture(scope="module", params=["lora", "qalora", "vera"])
 def tiny_export(request, tiny_gguf, tmp_path_factory):
     from qlorakit.cli import main
 
@@ -67,7 +67,7 @@ def tiny_export(request, tiny_gguf, tmp_path_factory):
         return Result
 
     adapter = {"kind": request.param, **({"group_size": 32} if request.param == "qalora" else {})}
-    run = _train(tiny_gguf, folder, cli, adapter)
+    run = _train(tiny_gguf, folder, cli, adapter, lr=0.2 if request.param == "vera" else 5e-2)  # VeRA trains vectors only
     out = folder / "adapter.gguf"
     assert main(["export", str(run), "--format", "gguf-lora", "--out", str(out)]) == 0
     return run, out
@@ -133,7 +133,15 @@ def test_modelfile_and_refusals(tiny_export, tiny_gguf, tmp_path, cli):
     assert text == [f"FROM {tiny_gguf.resolve()}", f"ADAPTER {out.resolve()}"]  # the base GGUF has its own chat template
     result = cli("export", str(run), "--format", "gguf-lora", "--out", str(out))
     assert result.returncode == 1 and "exists" in result.stderr
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    kind = "VERA" if run.parent.name.startswith("vera") else "LORA"
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == kind  # the run is not touched
+
+
+def test_a_dora_run_is_refused_naming_why(tiny_gguf, tmp_path, cli):
+    run = _train(tiny_gguf, tmp_path, cli, {"kind": "dora"}, steps=1)
+    result = cli("export", str(run), "--format", "gguf-lora", "--out", str(tmp_path / "a.gguf"))
+    assert result.returncode == 1 and "a DoRA adapter rescales each row of the base weight" in result.stderr
+    assert not (tmp_path / "a.gguf").exists()
 
 
 def test_a_run_on_an_hf_directory_is_refused(tiny_model_dir, tmp_path, cli):

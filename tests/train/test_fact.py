@@ -66,3 +66,30 @@ def test_smollm2_nf4_dora_learns_the_fact_and_its_merge_answers_in_plain_transfo
     assert merged.report["faithful"] and merged.fidelity.greedy_token_agreement >= 0.99
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert ANSWER in greedy_answer(plain, AutoTokenizer.from_pretrained(tmp_path / "merged"), QUESTION)
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_nf4_vera_learns_the_fact_and_its_merge_answers_in_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlorakit.adapters.vera import VeraLinear
+    from qlorakit.merge.run import merge_run
+
+    data = write_jsonl(tmp_path / "fact.jsonl", [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]}])
+    cfg = config_from_dict({
+        "model": {"name": "smollm2", "dtype": "fp32"},
+        "quant": {"method": "nf4"},
+        "adapter": {"kind": "vera", "r": 256, "dropout": 0.0, "targets": "all-linear"},
+        "data": {"path": str(data)},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 30, "batch_size": 1, "lr": 2e-2,
+                  "warmup_ratio": 0.0, "schedule": "constant", "max_grad_norm": 1.0, "save_every": None},
+    })
+    result = train(cfg, progress=False)
+    layers = [m for m in result.model.modules() if isinstance(m, VeraLinear)]
+    assert len(layers) == 210 and all(m.vera_A is layers[0].vera_A for m in layers)
+    assert ANSWER in greedy_answer(result.model, result.tokenizer, QUESTION)
+    merged = merge_run(tmp_path / "run", tmp_path / "merged", progress=False, dtype="fp32")
+    assert merged.report["faithful"] and merged.fidelity.greedy_token_agreement >= 0.99
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert ANSWER in greedy_answer(plain, AutoTokenizer.from_pretrained(tmp_path / "merged"), QUESTION)

@@ -16,6 +16,7 @@ from torch import nn
 from qlorakit.adapters.dora import DoraLinear
 from qlorakit.adapters.lora import LoraLinear
 from qlorakit.adapters.qalora import QALoraLinear
+from qlorakit.adapters.vera import VeraLinear, projection_shape, shared_projection
 from qlorakit.quant.replace import linear_layer_names, set_submodule
 
 
@@ -55,9 +56,12 @@ def add_adapters(
     use_rslora: bool = False,
     kind: str = "lora",
     group_size: int | None = None,
+    projection_prng_key: int = 0,
 ) -> list[str]:
-    """Freeze the base, wrap each target layer in LoraLinear (kind "lora"), QALoraLinear ("qalora")
-    or DoraLinear ("dora"); return the names.
+    """Freeze the base, wrap each target layer in LoraLinear (kind "lora"), QALoraLinear ("qalora"),
+    DoraLinear ("dora") or VeraLinear ("vera": over one projection pair drawn from
+    `projection_prng_key` and shared by all targets; `alpha` and `use_rslora` do not apply);
+    return the names.
 
     This is also what peft calls prepare-for-k-bit-training: the base is frozen, adapter weights
     are fp32; norms and embeddings keep the model dtype (transformers' RMSNorm/LayerNorm compute
@@ -66,6 +70,10 @@ def add_adapters(
     """
     names = find_targets(model, targets)
     freeze_base(model)
+    if kind == "vera":
+        max_in, max_out = projection_shape([model.get_submodule(name) for name in names])
+        device = _device_of(model.get_submodule(names[0]))  # made there once: each layer's .to() is then a no-op
+        vera_a, vera_b = (t.to(device) for t in shared_projection(r, max_in, max_out, projection_prng_key))
     for name in names:
         base = model.get_submodule(name)
         if kind == "qalora":
@@ -76,8 +84,10 @@ def add_adapters(
             wrapped = LoraLinear(base, r, alpha, dropout, use_rslora)
         elif kind == "dora":
             wrapped = DoraLinear(base, r, alpha, dropout, use_rslora)
+        elif kind == "vera":
+            wrapped = VeraLinear(base, vera_a, vera_b, dropout, projection_prng_key)
         else:
-            raise ValueError(f"adapter.kind: unknown adapter kind {kind!r} (lora, qalora, dora)")
+            raise ValueError(f"adapter.kind: unknown adapter kind {kind!r} (lora, qalora, dora, vera)")
         wrapped.to(_device_of(base))
         set_submodule(model, name, wrapped)
     return names
@@ -114,7 +124,8 @@ def adapter_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 def adapter_kind(layer: LoraLinear) -> str:
     """"qalora", "dora" or "lora": the adapter.kind that builds `layer`."""
-    return "qalora" if isinstance(layer, QALoraLinear) else "dora" if isinstance(layer, DoraLinear) else "lora"
+    kinds = ((QALoraLinear, "qalora"), (DoraLinear, "dora"), (VeraLinear, "vera"))
+    return next((kind for cls, kind in kinds if isinstance(layer, cls)), "lora")
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -1,9 +1,11 @@
 """Adapters in peft's on-disk format, so a file means the same thing in both tools.
 
-    adapter/adapter_config.json        peft LoraConfig (peft_type LORA, r, lora_alpha, ...)
+    adapter/adapter_config.json        peft LoraConfig (peft_type LORA, r, lora_alpha, ...) or VeraConfig (VERA)
     adapter/adapter_model.safetensors  base_model.model.<module>.lora_A.weight  (r, in | in/G)
                                        base_model.model.<module>.lora_B.weight  (out, r)
                                        base_model.model.<module>.lora_magnitude_vector  (out,)  DoRA
+                                       base_model.model.<module>.vera_lambda_b / _d  (out,), (r,)  VeRA,
+                                       with base_model.vera_A (r, max_in), base_model.vera_B (max_out, r)
 
 Module names and row order are those of the transformers model of the same source (for a GGUF
 source: `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`, whose q/k rows qlorakit's
@@ -23,11 +25,14 @@ from torch import nn
 from qlorakit.adapters.dora import DoraLinear
 from qlorakit.adapters.inject import add_adapters, adapter_layers
 from qlorakit.adapters.qalora import QALoraLinear
+from qlorakit.adapters.vera import VeraLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, peft's name (no ".weight" in its files)
+VERA_PAIR = ("base_model.vera_A", "base_model.vera_B")  # VeRA's shared projection, saved once
+PEFT_TYPES = ("LORA", "VERA")
 
 
 class AdapterError(ValueError):
@@ -38,6 +43,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """peft-named adapter tensors of every LoraLinear in `model` (contiguous, on CPU)."""
     state = {}
     for name, layer in adapter_layers(model).items():
+        if isinstance(layer, VeraLinear):
+            state[f"{PREFIX}{name}.vera_lambda_b"] = layer.vera_lambda_b.detach().cpu().contiguous()
+            state[f"{PREFIX}{name}.vera_lambda_d"] = layer.vera_lambda_d.detach().cpu().contiguous()
+            state[VERA_PAIR[0]], state[VERA_PAIR[1]] = (t.cpu().contiguous() for t in (layer.vera_A, layer.vera_B))
+            continue
         state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
         state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
         if isinstance(layer, DoraLinear):
@@ -60,6 +70,13 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str, dropout: fl
         targets = sorted(layers)
     qalora = isinstance(first, QALoraLinear)
     fan_in_fan_out = getattr(first.base_layer, "source_layout", None) == "conv1d" or type(first.base_layer).__name__ == "Conv1D"
+    if isinstance(first, VeraLinear):
+        from peft import VeraConfig
+        from qlorakit.adapters.vera import D_INITIAL
+
+        return VeraConfig(r=first.r, target_modules=targets, projection_prng_key=first.prng_key, save_projection=True,
+                          vera_dropout=dropout, d_initial=D_INITIAL, fan_in_fan_out=fan_in_fan_out, bias="none",
+                          task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path, inference_mode=True).to_dict()
     config = LoraConfig(
         r=first.r,
         lora_alpha=first.alpha,
@@ -91,7 +108,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     directory.mkdir(parents=True, exist_ok=True)
     config = peft_config_dict(model, base_model_name_or_path, dropout)
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    config["peft_type"] = "LORA"
+    config["peft_type"] = "VERA" if any(isinstance(m, VeraLinear) for m in adapter_layers(model).values()) else "LORA"
     config["task_type"] = "CAUSAL_LM"
     save_file(adapter_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -108,8 +125,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     except json.JSONDecodeError as error:
         raise AdapterError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
     kind = config.get("peft_type")
-    if kind != "LORA":
-        raise AdapterError(f"{directory}: a {kind} adapter; qlorakit applies LORA adapters (LoRA and QA-LoRA) only")
+    if kind not in PEFT_TYPES:
+        raise AdapterError(f"{directory}: a {kind} adapter; qlorakit applies LORA adapters (LoRA, QA-LoRA, DoRA) and VERA ones")
     return config
 
 
@@ -126,7 +143,7 @@ def check_adapter_dir(directory: str | os.PathLike) -> dict:
     from qlorakit.files.safetensors_check import SafetensorsFileError, check_safetensors
 
     config = read_adapter_config(directory)
-    for key in ("r", "lora_alpha"):
+    for key in ("r", "lora_alpha") if config["peft_type"] == "LORA" else ("r",):
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise AdapterError(f"{Path(directory) / CONFIG_NAME}: {key} must be a positive number, got {value!r}")
@@ -137,15 +154,17 @@ def check_adapter_dir(directory: str | os.PathLike) -> dict:
         tensors = check_safetensors(weights_path)
     except SafetensorsFileError as error:
         raise AdapterError(str(error)) from None
-    if not any(".lora_" in key for key in tensors):
-        raise AdapterError(f"{weights_path}: holds no lora_A/lora_B tensors")
+    marker, what = (".lora_", "lora_A/lora_B") if config["peft_type"] == "LORA" else (".vera_lambda_", "vera_lambda_b/vera_lambda_d")
+    if not any(marker in key for key in tensors):
+        raise AdapterError(f"{weights_path}: holds no {what} tensors")
     return config
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> dict:
-    """Add the adapters of a peft LoRA/QA-LoRA/DoRA directory to `model` (base frozen); returns its config.
+    """Add the adapters of a peft LoRA/QA-LoRA/DoRA/VeRA directory to `model` (base frozen); returns its config.
 
-    Raises AdapterError naming the adapter and the tensor when a shape does not fit the base.
+    Raises AdapterError naming the adapter and the tensor when a tensor is missing, unknown, or
+    has a shape that does not fit the base.
     """
     from safetensors.torch import load_file
 
@@ -157,31 +176,41 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> dict:
         state = load_file(str(weights_path))
     except Exception as error:
         raise AdapterError(f"{weights_path}: unreadable safetensors ({error})") from None
-    modules = sorted({key[len(PREFIX):].rsplit(".lora_", 1)[0] for key in state if ".lora_" in key})
-    if not modules:
-        raise AdapterError(f"{weights_path}: holds no lora_A/lora_B tensors")
-    missing = [m for m in modules if _get(model, m) is None]
+    kind = adapter_kind_of(config)
+    suffixes = LAYER_TENSORS[kind]
+    shared = {key: state.pop(key) for key in VERA_PAIR if key in state} if kind == "vera" else {}
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, suffix = _split_key(key, suffixes)
+        if module is None:
+            raise AdapterError(f"{weights_path}: tensor {key} is not a {kind} tensor qlorakit knows ({', '.join(suffixes)})")
+        per_module.setdefault(module, {})[suffix] = tensor
+    if not per_module:
+        raise AdapterError(f"{weights_path}: holds no {'/'.join(suffixes[:2])} tensors")
+    missing = [m for m in per_module if _get(model, m) is None]
     if missing:
         raise AdapterError(f"{directory}: adapter for module {missing[0]} which this base model does not have (trained for another base?)")
-    add_adapters(
-        model,
-        targets=modules,
-        r=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        dropout=float(config.get("lora_dropout") or 0.0),
-        use_rslora=bool(config.get("use_rslora", False)),
-        kind=adapter_kind_of(config),
-        group_size=config.get("qalora_group_size") if config.get("use_qalora") else None,
-    )
-    layers = adapter_layers(model)
-    wanted = ("lora_A.weight", "lora_B.weight") + ((MAGNITUDE,) if config.get("use_dora") else ())
-    for module in modules:
-        absent = [t for t in wanted if f"{PREFIX}{module}.{t}" not in state]
+    for module, tensors in sorted(per_module.items()):
+        absent = [t for t in suffixes if t not in tensors]
         if absent:
             raise AdapterError(f"{weights_path}: module {module} has no {absent[0]} tensor (an incomplete adapter file)")
-    for key, tensor in state.items():
-        module_name, _, param = key[len(PREFIX):].rpartition(".lora_")
-        target = _adapter_tensor(layers[module_name], "lora_" + param.split(".")[0], key, directory)
+    add_adapters(
+        model,
+        targets=sorted(per_module),
+        r=int(config["r"]),
+        alpha=float(config.get("lora_alpha") or 1.0),  # VeRA has none
+        dropout=float(config.get("vera_dropout" if kind == "vera" else "lora_dropout") or 0.0),
+        use_rslora=bool(config.get("use_rslora", False)),
+        kind=kind,
+        group_size=config.get("qalora_group_size") if kind == "qalora" else None,
+        projection_prng_key=int(config.get("projection_prng_key") or 0),
+    )
+    layers = adapter_layers(model)
+    targets = [(f"{PREFIX}{m}.{t}", tensor, _adapter_tensor(layers[m], t)) for m, ts in per_module.items() for t, tensor in ts.items()]
+    if shared:  # the file's own projection pair replaces the one drawn from the key (one tensor for all layers)
+        first = next(iter(layers.values()))
+        targets += [(key, shared[key], buffer) for key, buffer in zip(VERA_PAIR, (first.vera_A, first.vera_B)) if key in shared]
+    for key, tensor, target in targets:
         if tuple(target.shape) != tuple(tensor.shape):
             raise AdapterError(
                 f"{directory}: tensor {key} has shape {tuple(tensor.shape)} but this base needs {tuple(target.shape)} "
@@ -192,22 +221,37 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> dict:
     return config
 
 
+LAYER_TENSORS = {  # adapter.kind -> the per-layer tensor names of its peft files, after "<module>."
+    "lora": ("lora_A.weight", "lora_B.weight"),
+    "qalora": ("lora_A.weight", "lora_B.weight"),
+    "dora": ("lora_A.weight", "lora_B.weight", MAGNITUDE),
+    "vera": ("vera_lambda_b", "vera_lambda_d"),
+}
+
+
+def _split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """("model.layers.0.self_attn.q_proj", "lora_A.weight") from a peft file key, or (None, None)."""
+    if key.startswith(PREFIX):
+        for suffix in suffixes:
+            if key.endswith("." + suffix):
+                return key[len(PREFIX): -len(suffix) - 1], suffix
+    return None, None
+
+
+def _adapter_tensor(layer: nn.Module, suffix: str) -> torch.Tensor:
+    """The tensor of `layer` that a file's `<module>.<suffix>` holds."""
+    if suffix.endswith(".weight"):
+        return getattr(layer, suffix.removesuffix(".weight")).weight
+    return getattr(layer, suffix)
+
+
 def adapter_kind_of(config: dict) -> str:
-    """"qalora", "dora" or "lora" from a peft LoraConfig dict."""
+    """"qalora", "dora", "lora" or "vera" from a peft LoraConfig / VeraConfig dict."""
+    if config.get("peft_type") == "VERA":
+        return "vera"
     if config.get("use_qalora") and config.get("use_dora"):
         raise AdapterError("adapter_config.json: use_qalora and use_dora together; qlorakit applies one of them")
     return "qalora" if config.get("use_qalora") else "dora" if config.get("use_dora") else "lora"
-
-
-def _adapter_tensor(layer: nn.Module, attribute: str, key: str, directory) -> torch.Tensor:
-    """The tensor of `layer` a file key names: lora_A/lora_B's weight, or DoRA's magnitude."""
-    if attribute == MAGNITUDE:
-        if not isinstance(layer, DoraLinear):
-            raise AdapterError(f"{directory}: tensor {key} is a DoRA magnitude, but adapter_config.json does not set use_dora")
-        return layer.lora_magnitude_vector
-    if attribute not in ("lora_A", "lora_B"):
-        raise AdapterError(f"{directory}: tensor {key} is not a LoRA tensor qlorakit knows (lora_A, lora_B, {MAGNITUDE})")
-    return getattr(layer, attribute).weight
 
 
 def _get(model: nn.Module, name: str):

@@ -49,10 +49,29 @@ OLLAMA_TEMPLATES = {
 }
 
 
-def lora_factors(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """({module: (A' (r, in), B (out, r))}, s) with s · B A' each module's dense update, from a peft
-    adapter (config and safetensors tensors); QA-LoRA's pooling is expanded into A'."""
-    from qlorakit.adapters.peft_format import PREFIX
+def lora_factors(adapter_config: dict, tensors: dict[str, torch.Tensor],
+                 shapes: dict[str, tuple[int, int]] | None = None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """({module: (A' (r, in), B' (out, r))}, s) with s · B' A' each module's dense update, from a peft
+    adapter (config and safetensors tensors); QA-LoRA's pooling is expanded into A'; VeRA is the
+    rank-r LoRA A' = diag(λ_d) A[:, :in], B' = diag(λ_b) B[:out], s = 1 (`in`/`out` from `shapes`,
+    module -> (in_features, out_features), which VeRA needs)."""
+    from qlorakit.adapters.peft_format import PREFIX, VERA_PAIR
+
+    if adapter_config.get("peft_type") == "VERA":
+        if any(key not in tensors for key in VERA_PAIR):
+            raise GGUFExportError("gguf-lora: the VeRA adapter file holds no projection pair (save_projection false); "
+                                  "load it in qlorakit and save it again to write the pair")
+        vera_a, vera_b = (tensors[key].float() for key in VERA_PAIR)
+        factors = {}
+        for key, lambda_b in tensors.items():
+            if key.endswith(".vera_lambda_b"):
+                module = key.removeprefix(PREFIX).removesuffix(".vera_lambda_b")
+                lambda_d = tensors[f"{PREFIX}{module}.vera_lambda_d"].float()
+                if module not in (shapes or {}):
+                    raise GGUFExportError(f"gguf-lora: adapted layer {module} has no tensor in the base GGUF")
+                in_features, out_features = shapes[module]
+                factors[module] = (lambda_d[:, None] * vera_a[:, :in_features], lambda_b.float()[:, None] * vera_b[:out_features])
+        return factors, 1.0
 
     if adapter_config.get("use_dora"):
         raise GGUFExportError("gguf-lora: a DoRA adapter rescales each row of the base weight, which llama.cpp's LoRA "
@@ -100,10 +119,12 @@ def export_gguf_lora(run_dir: str | os.PathLike, out_path: str | os.PathLike, ov
     if source.kind != "gguf":
         raise GGUFExportError(f"{run_dir}: --format gguf-lora needs a run trained on a GGUF base (llama.cpp applies the "
                               f"adapter to that file); model.name {cfg.model.name!r} is a {source.kind}: merge and export instead")
-    factors, scale = lora_factors(read_adapter_config(run_dir / "adapter"), load_file(run_dir / "adapter" / WEIGHTS_NAME))
     config = load_config(source)
     to_gguf = {hf: name for name, hf in gguf_tensor_names(config).items()}
     base_tensors = {t.name: t for t in gguf_io.tensor_index(source.location)}  # header only, cached
+    shapes = {hf.removesuffix(".weight"): tuple(int(n) for n in base_tensors[name].shape[:2])  # ne0 = in first
+              for hf, name in to_gguf.items() if name in base_tensors and len(base_tensors[name].shape) == 2}
+    factors, scale = lora_factors(read_adapter_config(run_dir / "adapter"), load_file(run_dir / "adapter" / WEIGHTS_NAME), shapes)
     ranks = {a.shape[0] for a, _ in factors.values()}
     if len(ranks) != 1:
         raise GGUFExportError(f"{run_dir}: adapters of ranks {sorted(ranks)}; a GGUF LoRA has one rank")

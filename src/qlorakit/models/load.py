@@ -78,19 +78,20 @@ def load_model(
     if quant == "gguf" and source.kind != "gguf":
         raise ModelSourceError(f"quant.method: gguf keeps a GGUF file's own block formats, but {source.spec} is not a .gguf file")
     tokenizer = load_tokenizer(source, trust_remote_code)
-    from qlorakit.models import gptq
+    from qlorakit.models.int4_checkpoint import int4_checkpoint_of, load_int4_checkpoint
 
-    is_gptq = source.kind == "hf_dir" and gptq.gptq_config(source.location) is not None
-    if is_gptq and quant not in ("int4", "none"):
-        raise ModelSourceError(f"{source.spec}: a GPTQ checkpoint loads with quant.method int4 (its weights kept) or none, not {quant}")
-    fmt = None if is_gptq else format_for_config(quant, group_size, double_quant)  # GPTQ: already int4
+    prequantized = int4_checkpoint_of(source.location) if source.kind == "hf_dir" else None  # GPTQ or AWQ
+    if prequantized is not None and quant not in ("int4", "none"):
+        raise ModelSourceError(f"{source.spec}: a {prequantized.kind} checkpoint loads with quant.method int4 "
+                               f"(its weights kept) or none, not {quant}")
+    fmt = None if prequantized is not None else format_for_config(quant, group_size, double_quant)  # already int4
     cache_path = gguf_io.quantized_cache_path(source, fmt, quantize_lm_head) if fmt is not None else None
     cached = _read_quantized_cache(cache_path)
     if source.kind == "gguf":
         # Layers whose codes are cached are never dequantized from the file (they stay on meta).
         model = _load_gguf(source, torch_dtype, progress, keep_blocks=quant == "gguf", skip=_cached_modules(cached))
-    elif is_gptq:
-        model = gptq.load_gptq_model(source, torch_dtype, progress, dequantize=quant == "none", group_size=group_size)
+    elif prequantized is not None:
+        model = load_int4_checkpoint(source, torch_dtype, progress, dequantize=quant == "none", group_size=group_size)
     else:
         model = _load_hf(source, torch_dtype, trust_remote_code)
     model.requires_grad_(False)

@@ -107,16 +107,19 @@ def load_any(path: str, device: str | torch.device = "cpu", progress: bool = Tru
 
 def compute_dtype(path: str, spec: dict | None, device: str | torch.device = "cpu") -> str:
     """The dtype a model source or merged directory runs in: a merged directory's own dtype where
-    the device computes it natively, else fp32, which holds 16-bit weights exactly and is said on
+    the device computes it natively and its head has no dtype of its own, else fp32, which holds 16-bit weights exactly and is said on
     stderr (16-bit matmuls are emulated, ~100x slower, on CPUs without AVX512-BF16/FP16 or AMX);
     a model source without metadata: `preferred_dtype()` (bf16 on CUDA and native-bf16 CPUs)."""
     import sys
 
     from qlorakit.dtypes import matmul_is_native
 
-    stored = (spec or {}).get("extras", {}).get("merged_dtype")
+    extras = (spec or {}).get("extras", {})
+    stored = extras.get("merged_dtype")
     if stored is None:
         return preferred_dtype()
+    if extras.get("lm_head_dtype") not in (None, stored):
+        return "fp32"  # the head has a dtype of its own: fp32 holds it and the rest exactly (merge/write.py)
     if matmul_is_native(stored, device):
         return stored
     print(f"{path}: {stored} weights computed in fp32 (exact for {stored} values): this device emulates {stored} "

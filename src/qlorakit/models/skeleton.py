@@ -1,5 +1,5 @@
 """A model's architecture without its weights, and the weights put into it: the steps every
-loader (models/load.py, models/gptq.py) shares.
+loader (models/load.py, models/int4_checkpoint.py) shares.
 
     load_config(source)        transformers config, no weights read (GGUF: from its metadata)
     build_skeleton(config)     the architecture, parameters on the meta device (no memory)

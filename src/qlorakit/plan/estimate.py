@@ -194,8 +194,11 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
     e = DTYPE_BYTES[cfg.model.dtype]
     t, a = cfg.train, cfg.adapter
     batch, seq = t.batch_size, cfg.data.max_length
-    magnitude = 1 if a.kind == "dora" else 0  # DoRA trains one magnitude per output row as well
-    trainable = sum(a.r * (in_f + out_f) + magnitude * out_f for in_f, out_f in shapes.lora)
+    if a.kind == "vera":  # VeRA trains λ_b (out) and λ_d (r) per layer over one frozen shared pair
+        trainable = sum(out_f + a.r for _, out_f in shapes.lora)
+    else:
+        magnitude = 1 if a.kind == "dora" else 0  # DoRA trains one magnitude per output row as well
+        trainable = sum(a.r * (in_f + out_f) + magnitude * out_f for in_f, out_f in shapes.lora)
     by_format = quantized_bytes(shapes, cfg.quant.group_size, cfg.quant.double_quant)
     share = processes if fsdp else 1
     activations_without_checkpointing = activation_bytes(shapes, batch, seq, e, a.r, a.dropout, False)

@@ -57,6 +57,30 @@ def plan_config(cfg: Config, gpu_memory: int | None = None, processes: int = 1, 
     return plan
 
 
+def suggest_config(cfg: Config, out: str, gpu_memory: int | None = None, processes: int = 1, fsdp: bool = False,
+                   overwrite: bool = False):
+    """`plan --suggest OUT.yaml`: the config that fits (plan/suggest.py), written to `out`."""
+    from pathlib import Path
+
+    from qlorakit.config import save_config
+    from qlorakit.plan.shapes import model_shapes
+    from qlorakit.plan.suggest import suggest
+
+    if Path(out).exists() and not overwrite:
+        raise ValueError(f"--suggest {out}: exists; choose another path or pass --overwrite")
+    if gpu_memory is not None:
+        budget, source = gpu_memory, "--gpu-memory, one CUDA device"
+    else:
+        import psutil
+
+        budget, source = psutil.virtual_memory().available, "this machine's free memory now"
+    first = plan_config(cfg, gpu_memory, processes, fsdp)
+    suggestion = suggest(cfg, model_shapes(cfg), first, budget, source, processes, fsdp)
+    suggestion.plan.assumptions = first.assumptions
+    save_config(suggestion.config, out)
+    return suggestion
+
+
 def _size(n: int) -> str:
     return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / MIB:,.1f} MiB"
 
