@@ -123,7 +123,13 @@ def test_llama_cpp_runs_the_merged_file_as_the_adapter_model(qalora_kquant_run):
     llm.eval(ids)
     theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
     assert (theirs - ours).norm() < 0.1 * ours.norm()  # llama.cpp's 8-bit activations (tests/export/test_gguf_lora.py)
-    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+    # Greedy tokens agree wherever our top-1 leads by more than llama.cpp's error at that position;
+    # a random tiny model has many near-ties, where 8-bit activations may pick the other token.
+    top2 = ours.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > 2 * (theirs - ours).abs().max(-1).values
+    agree = theirs.argmax(-1) == ours.argmax(-1)
+    assert decisive.float().mean() >= 0.5 and bool(agree[decisive].all())
+    assert agree.float().mean() >= 0.8
 
 
 @pytest.mark.slow  # Gemma 3 270M trained 25 steps, merged into its Q4_K_M file and run in llama.cpp
