@@ -278,3 +278,11 @@ def test_keep_lm_head_fp16_is_read_as_lm_head_dtype_fp16(tmp_path):
     assert message == ("merge.keep_lm_head_fp16: true means merge.lm_head_dtype: fp16, but merge.lm_head_dtype "
                        "is fp32; set only merge.lm_head_dtype")
     assert _error(["merge.lm_head_dtype=fp8"]) == "merge.lm_head_dtype: must be one of same, bf16, fp16, fp32, got 'fp8'"
+
+
+def test_keys_an_adapter_kind_does_not_use_are_refused():
+    assert _error(["adapter.kind=vera", "adapter.use_rslora=true"]).startswith("adapter.use_rslora: VeRA has no alpha / r scale")
+    assert _error(["adapter.group_size=64"]) == ("adapter.group_size: the QA-LoRA pooling width, but adapter.kind is lora; "
+                                                 "leave it null or use adapter.kind qalora")
+    assert load_config(None, ["adapter.kind=dora"]).adapter.kind == "dora"
+    assert load_config(None, ["adapter.kind=vera", "adapter.r=256"]).adapter.r == 256

@@ -94,7 +94,9 @@ class AdapterConfig(_Section):
     _section = "adapter"
     kind: str = "lora"
     """lora: x ↦ W0x + s·BAx (Hu et al. 2021); qalora: x is mean-pooled per quantization group first, so the
-    update folds exactly into the group zero points (Xu et al. 2023); needs quant.method int4 or gguf."""
+    update folds exactly into the group zero points (Xu et al. 2023); needs quant.method int4 or gguf;
+    dora: a trained magnitude per output row over LoRA's direction (Liu et al. 2024); vera: one frozen
+    random pair shared by all layers, two trained vectors per layer, no alpha (Kopiczko et al. 2023)."""
     r: int = 16
     """Rank of the update: A is (r, in_features), B is (out_features, r)."""
     alpha: float = 32.0
@@ -107,6 +109,14 @@ class AdapterConfig(_Section):
     """QA-LoRA pooling width; null means the base format's group size. Must be a multiple of it for int4/gguf."""
     use_rslora: bool = False
     """Rank-stabilised scaling s = alpha / sqrt(r) (Kalajdzievski 2023), so large ranks still learn."""
+
+    def _check(self) -> None:
+        if self.kind == "vera" and self.use_rslora:
+            raise ConfigError("adapter.use_rslora: VeRA has no alpha / r scale to stabilise (its scale is in the "
+                              "trained vectors); leave it false with adapter.kind vera")
+        if self.group_size is not None and self.kind != "qalora":
+            raise ConfigError(f"adapter.group_size: the QA-LoRA pooling width, but adapter.kind is {self.kind}; "
+                              f"leave it null or use adapter.kind qalora")
 
 
 @dataclass(frozen=True)
