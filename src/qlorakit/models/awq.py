@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qlorakit.models.gptq import int4_from_zero_points
 from qlorakit.quant.base import QuantizedWeight
-from qlorakit.quant.int4 import pack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds column AWQ_ORDER[k] of its 8
 PARTS = ("qweight", "qzeros", "scales")
@@ -88,12 +88,5 @@ def convert_layer(name: str, tensors: dict[str, Tensor], group_size: int) -> Qua
     if tuple(qzeros.shape) != (ngroups, out_features // 8) or qzeros.dtype != torch.int32:
         raise AWQError(f"{name}.qzeros: expected int32 {(ngroups, out_features // 8)}, got {qzeros.dtype} {tuple(qzeros.shape)}")
     codes = unpack_awq(qweight).t().contiguous()  # (in, out) -> (out, in)
-    zeros = unpack_awq(qzeros).float()  # (ngroups, out)
-    scale = scales.to(torch.float16)
-    mins = -(scale.float() * zeros)  # exact in fp32 (models/gptq.py)
-    return QuantizedWeight(
-        "int4",
-        (out_features, in_features),
-        group_size,
-        {"codes": pack_int4(codes), "scales": scale.t().contiguous(), "mins": mins.t().contiguous()},
-    )
+    zeros = unpack_awq(qzeros).float()  # (ngroups, out), stored as they are
+    return int4_from_zero_points(codes, scales, zeros, group_size)

@@ -105,6 +105,13 @@ def convert_layer(name: str, tensors: dict[str, Tensor], group_size: int, zero_o
         raise GPTQError(f"{name}.g_idx: not arange(in_features) // group_size (act-order / desc_act); not supported")
     codes = unpack_rows(qweight).t().contiguous()  # (in, out) -> (out, in)
     zeros = unpack_cols(qzeros).float() + zero_offset  # (ngroups, out), real zero points
+    return int4_from_zero_points(codes, scales, zeros, group_size)
+
+
+def int4_from_zero_points(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> QuantizedWeight:
+    """w[o, i] = scale[g, o] · (q[o, i] − z[g, o]) kept exactly as int4 (module docstring): codes uint8
+    (out, in), scales (in / G, out) fp16, zeros (in / G, out) integer-valued -> s = scale, m = −scale·z fp32."""
+    out_features, in_features = codes.shape
     scale = scales.to(torch.float16)  # (ngroups, out)
     mins = -(scale.float() * zeros)  # (ngroups, out), exact in fp32
     return QuantizedWeight(
