@@ -22,6 +22,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from qlorakit.adapters.dora import DoraLinear
 from qlorakit.adapters.lora import LoraLinear
 from qlorakit.models.skeleton import clean_config
 from qlorakit.quant.linear import QuantLinear, dense_weight_of
@@ -51,8 +52,6 @@ def base_weight(module: nn.Module, original_weight: Tensor | None = None) -> tup
 @torch.no_grad()
 def fold_layer(module: nn.Module, original_weight: Tensor | None = None) -> tuple[Tensor, Tensor | None, str]:
     """(W₀ + ΔW in fp32 as (out_features, in_features), bias, source layout); see `base_weight`."""
-    from qlorakit.adapters.dora import DoraLinear
-
     if original_weight is not None and isinstance(module, DoraLinear):
         raise MergeError("--into original: a DoRA update rescales the rows of the weight it was trained on (the "
                          "dequantized base), so it does not carry over to the original weights; use --into dequantized")
