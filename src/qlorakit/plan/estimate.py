@@ -86,6 +86,11 @@ CUDA_CONTEXT = 600 * MIB  # CUDA context + cuBLAS workspace, outside torch's all
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
+def format_size(n: int) -> str:
+    """Bytes as the plan tables print them: "4.88 GiB" from 1 GiB up, else "140.8 MiB"."""
+    return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / MIB:,.1f} MiB"
+
+
 @dataclass
 class Plan:
     """Bytes per device of each part, and the peak."""

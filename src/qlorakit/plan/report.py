@@ -7,7 +7,7 @@ import re
 from qlorakit.config import Config
 from qlorakit.plan.advice import advise
 from qlorakit.plan.baseline import BaselineProbe
-from qlorakit.plan.estimate import GIB, MIB, RSS_BASE, Plan, estimate
+from qlorakit.plan.estimate import RSS_BASE, Plan, estimate, format_size
 from qlorakit.plan.shapes import model_shapes
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
@@ -39,9 +39,9 @@ def plan_config(cfg: Config, gpu_memory: int | None = None, processes: int = 1, 
     if probe is not None:
         try:
             measured = probe.result()
-            baseline, baseline_note = measured.bytes, f"process baseline {_size(measured.bytes)} {measured.how}"
+            baseline, baseline_note = measured.bytes, f"process baseline {format_size(measured.bytes)} {measured.how}"
         except RuntimeError as error:
-            baseline_note = f"process baseline {_size(RSS_BASE)} as calibrated, not measured ({error})"
+            baseline_note = f"process baseline {format_size(RSS_BASE)} as calibrated, not measured ({error})"
     plan = estimate(cfg, shapes, device, processes, fsdp, rss_base=baseline)
     plan.gpu_memory = gpu_memory
     if gpu_memory is not None:
@@ -81,9 +81,6 @@ def suggest_config(cfg: Config, out: str, gpu_memory: int | None = None, process
     return suggestion
 
 
-def _size(n: int) -> str:
-    return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / MIB:,.1f} MiB"
-
 
 _LABELS = {
     "quantized_weights": "quantized weights", "dense_weights": "16-bit weights (embeddings, norms, head)",
@@ -105,27 +102,27 @@ def format_plan(plan: Plan) -> str:
     ]
     for key, value in plan.parts.items():
         label = "CUDA context" if key == "framework" and plan.device != "cpu" else _LABELS.get(key, key)
-        lines.append(f"{label:<46}{_size(value):>14}")
+        lines.append(f"{label:<46}{format_size(value):>14}")
         if key == "quantized_weights":
             for fmt, nbytes in plan.weights_by_format.items():
-                lines.append(f"  {fmt:<44}{_size(nbytes // (plan.processes if plan.fsdp else 1)):>14}")
+                lines.append(f"  {fmt:<44}{format_size(nbytes // (plan.processes if plan.fsdp else 1)):>14}")
     lines += [
-        f"{'training step':<46}{_size(plan.train_bytes):>14}",
+        f"{'training step':<46}{format_size(plan.train_bytes):>14}",
     ]
     if plan.device == "cpu":
-        lines.append(f"{'loading (dense model before quantizing)':<46}{_size(plan.load_bytes):>14}")
+        lines.append(f"{'loading (dense model before quantizing)':<46}{format_size(plan.load_bytes):>14}")
     lines += [
-        f"{'peak':<46}{_size(plan.peak_bytes):>14}",
-        f"activations: {_size(plan.activations_without_checkpointing)} without checkpointing, "
-        f"{_size(plan.activations_with_checkpointing)} with",
+        f"{'peak':<46}{format_size(plan.peak_bytes):>14}",
+        f"activations: {format_size(plan.activations_without_checkpointing)} without checkpointing, "
+        f"{format_size(plan.activations_with_checkpointing)} with",
     ]
     if plan.gpu_memory is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
-        lines.append(f"{verdict} in {_size(plan.gpu_memory)} ({100 * plan.peak_bytes / plan.gpu_memory:.0f}%)")
+        lines.append(f"{verdict} in {format_size(plan.gpu_memory)} ({100 * plan.peak_bytes / plan.gpu_memory:.0f}%)")
     if plan.advice:
         lines += ["", "to save memory (most first):"]
         for a in plan.advice:
             fits = "" if a["fits"] is None else ("  fits" if a["fits"] else "  still too big")
-            lines.append(f"  {a['change']:<60} -{_size(a['saves_bytes']):>12} -> {_size(a['peak_bytes'])}{fits}")
+            lines.append(f"  {a['change']:<60} -{format_size(a['saves_bytes']):>12} -> {format_size(a['peak_bytes'])}{fits}")
     lines += ["", "assumes: " + "; ".join(plan.assumptions)]
     return "\n".join(lines)

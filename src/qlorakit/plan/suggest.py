@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from qlorakit.config import Config
-from qlorakit.plan.estimate import GIB, MIB, Plan, estimate
+from qlorakit.plan.estimate import Plan, estimate, format_size
 from qlorakit.plan.shapes import ModelShapes
 
 TARGET_SHARE = 0.9
@@ -122,8 +122,8 @@ def suggest(cfg: Config, shapes: ModelShapes, first: Plan, budget: int, budget_s
                    f"train.grad_accum {effective // micro} keeps the effective batch {effective}")
     if current_plan.peak_bytes > target:
         raise NoFittingPlan(
-            f"--suggest: no configuration fits {TARGET_SHARE:.0%} of {_size(budget)} ({budget_source}); the smallest "
-            f"reached needs {_size(current_plan.peak_bytes)} (batch 1, checkpointing, adamw8bit, r {current.adapter.r}, "
+            f"--suggest: no configuration fits {TARGET_SHARE:.0%} of {format_size(budget)} ({budget_source}); the smallest "
+            f"reached needs {format_size(current_plan.peak_bytes)} (batch 1, checkpointing, adamw8bit, r {current.adapter.r}, "
             f"max_length {current.data.max_length}): a smaller model, more memory, or FSDP over more GPUs"
         )
     current_plan.gpu_memory = first.gpu_memory
@@ -144,20 +144,17 @@ def _value(cfg: Config, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-def _size(n: int) -> str:
-    return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / MIB:,.1f} MiB"
-
 
 def format_suggestion(s: Suggestion, out: str) -> str:
     """The changes as a table, the resulting peak against the budget, and where the config went."""
-    lines = [f"budget       {_size(s.budget_bytes)} ({s.budget_source}); target {TARGET_SHARE:.0%}: {_size(int(s.budget_bytes * TARGET_SHARE))}", ""]
+    lines = [f"budget       {format_size(s.budget_bytes)} ({s.budget_source}); target {TARGET_SHARE:.0%}: {format_size(int(s.budget_bytes * TARGET_SHARE))}", ""]
     if s.changes:
         lines.append(f"{'change':<40}{'peak before':>14}{'peak after':>14}  cost")
         for c in s.changes:
-            lines.append(f"{c['key'] + ': ' + str(c['from']) + ' -> ' + str(c['to']):<40}{_size(c['peak_before']):>14}"
-                         f"{_size(c['peak_after']):>14}  {c['cost']}")
+            lines.append(f"{c['key'] + ': ' + str(c['from']) + ' -> ' + str(c['to']):<40}{format_size(c['peak_before']):>14}"
+                         f"{format_size(c['peak_after']):>14}  {c['cost']}")
     else:
         lines.append("the config fits as it is; no change")
-    lines += ["", f"planned peak {_size(s.plan.peak_bytes)} ({100 * s.plan.peak_bytes / s.budget_bytes:.0f}% of the budget)",
+    lines += ["", f"planned peak {format_size(s.plan.peak_bytes)} ({100 * s.plan.peak_bytes / s.budget_bytes:.0f}% of the budget)",
               f"wrote {out}: qlorakit train {out}  (qlorakit plan {out} re-plans it)"]
     return "\n".join(lines)
