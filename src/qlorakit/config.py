@@ -188,6 +188,10 @@ class TrainConfig(_Section):
     """The training speed-ups, each by name (train/fast_paths.py): all, none, or a list of
     fused_kernels, sibling_projections, stacked_gqa_attention, allocator. Each computes what the plain
     path computes; all are undone when training returns."""
+    distributed: str = "ddp"
+    """How several processes (torchrun, accelerate launch) share the work: ddp (each rank holds the
+    whole 4-bit model, adapter gradients summed) or fsdp (FSDP2: every decoder layer, its 4-bit
+    storage included, sharded across the ranks; docs/distributed.md). One process: no effect."""
 
     def _check(self) -> None:
         if self.max_steps is None and self.epochs is None:
@@ -294,6 +298,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adapter.kind": _one_of("lora", "qalora", "dora", "vera"),
     "data.format": _one_of("auto", "alpaca", "chat", "prompt-completion", "text"),
     "train.schedule": _one_of("constant", "linear", "cosine"),
+    "train.distributed": _one_of("ddp", "fsdp"),
     "train.optimizer": _one_of("adamw", "adamw8bit"),
     "merge.into": _one_of("dequantized", "original"),
     "merge.lm_head_dtype": _one_of("same", *DTYPES),

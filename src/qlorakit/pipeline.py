@@ -37,14 +37,17 @@ def train_then_merge(cfg: Config, *, overwrite: bool = False, progress: bool = T
 def merge_after_training(cfg: Config, result):
     """Merge the model `train` returned into <run>/merged (module docstring)."""
     from qlorakit.merge.fidelity import UnfaithfulMergeError
-    from qlorakit.merge.run import format_merge, merge_loaded
+    from qlorakit.merge.run import format_merge, merge_loaded, merge_run
     from qlorakit.models.load import LoadedModel
 
     m, run_dir = cfg.merge, Path(result.run_dir)
-    loaded = LoadedModel(result.model, result.tokenizer, result.source)
+    options = dict(dtype=m.dtype, into=m.into, lm_head_dtype=m.lm_head_dtype, untie_embeddings=m.untie_embeddings)
     try:
-        merged = merge_loaded(loaded, cfg, run_dir / "merged", dtype=m.dtype, into=m.into,
-                              lm_head_dtype=m.lm_head_dtype, untie_embeddings=m.untie_embeddings, spec=result.spec)
+        if result.model is None:  # an fsdp run: no rank held the whole model, so it is restored from the run directory
+            merged = merge_run(run_dir, run_dir / "merged", **options)
+        else:
+            loaded = LoadedModel(result.model, result.tokenizer, result.source)
+            merged = merge_loaded(loaded, cfg, run_dir / "merged", spec=result.spec, **options)
     except UnfaithfulMergeError as error:
         command = f"qlorakit merge {run_dir} --out {run_dir / 'merged'} --dtype fp32"
         raise AfterTrainMergeError(

@@ -66,11 +66,11 @@ CASES = {
 def test_disk_full_keeps_the_last_checkpoint(case, tmp_path, monkeypatch):
     file_name, error = CASES[case]
     adapter, optimizer = _optimizer()
-    first = ckpt.save_checkpoint(tmp_path, 10, adapter, optimizer, {"epoch": 0, "index": 1})
+    first = ckpt.save_checkpoint(tmp_path, 10, adapter, optimizer.state_dict(), {"epoch": 0, "index": 1})
     adapter_bytes = hashlib.sha256((first / "adapter_model.safetensors").read_bytes()).hexdigest()
     _full_disk_at(monkeypatch, file_name, error)
     with pytest.raises(ckpt.CheckpointWriteError) as raised:
-        ckpt.save_checkpoint(tmp_path, 20, adapter, optimizer, {"epoch": 0, "index": 2})
+        ckpt.save_checkpoint(tmp_path, 20, adapter, optimizer.state_dict(), {"epoch": 0, "index": 2})
     monkeypatch.undo()
     message = str(raised.value)
     assert "\n" not in message
@@ -81,7 +81,8 @@ def test_disk_full_keeps_the_last_checkpoint(case, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-10"]  # no partial step-20, no temporary
     assert ckpt.latest_checkpoint(tmp_path) == first
     assert hashlib.sha256((first / "adapter_model.safetensors").read_bytes()).hexdigest() == adapter_bytes
-    step, state, position = ckpt.load_checkpoint(first, _optimizer()[1])
+    step, state, optimizer_state, position = ckpt.load_checkpoint(first)
+    _optimizer()[1].load_state_dict(optimizer_state)
     assert step == 10 and position == {"epoch": 0, "index": 1} and torch.equal(state["base_model.model.x.lora_A.weight"],
                                                                                adapter["base_model.model.x.lora_A.weight"])
 
@@ -90,7 +91,7 @@ def test_disk_full_before_any_checkpoint_says_none_yet(tmp_path, monkeypatch):
     adapter, optimizer = _optimizer()
     _full_disk_at(monkeypatch, "adapter_model.safetensors", SafetensorError(SAFETENSORS_ENOSPC))
     with pytest.raises(ckpt.CheckpointWriteError, match=r"^step 5: .*No space left on device \(os error 28\); last complete checkpoint: none yet$"):
-        ckpt.save_checkpoint(tmp_path, 5, adapter, optimizer, {"epoch": 0, "index": 0})
+        ckpt.save_checkpoint(tmp_path, 5, adapter, optimizer.state_dict(), {"epoch": 0, "index": 0})
     monkeypatch.undo()
     assert list((tmp_path / "checkpoints").iterdir()) == []
 

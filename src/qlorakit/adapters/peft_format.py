@@ -99,9 +99,10 @@ CHAT_TEMPLATE_NAME = "chat_template.jinja"  # transformers' file name; beside th
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str, dropout: float,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write adapter_config.json and adapter_model.safetensors into `directory`, and chat_template.jinja
-    when the run gave the tokenizer a chat template its base did not have (data/chat_formats.py)."""
+    when the run gave the tokenizer a chat template its base did not have (data/chat_formats.py).
+    `state`: the tensors to write, when the model's own are shards (default: `adapter_state_dict(model)`)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -110,7 +111,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     config["peft_type"] = "VERA" if any(isinstance(m, VeraLinear) for m in adapter_layers(model).values()) else "LORA"
     config["task_type"] = "CAUSAL_LM"
-    save_file(adapter_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(adapter_state_dict(model) if state is None else state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
     if chat_template is not None:
         (directory / CHAT_TEMPLATE_NAME).write_text(chat_template)

@@ -89,7 +89,7 @@ class SiblingGroup:
         """[W_1; …; W_n] in bf16, (Σout, in), in this thread's scratch buffer (valid until the next call)."""
         first = self.members[0].base_layer
         shape = (sum(self.out_features), first.in_features)
-        device = first._buffers[f"qweight_{first._tensor_names[0]}"].device
+        device = first.storage_device
         out = scratch_buffer("sibling_weight", shape, torch.bfloat16, device)  # the path runs on the CPU only
         row = 0
         for m in self.members:

@@ -9,6 +9,16 @@ per (shape, dtype) on the CPU, so that a step does not fault in fresh pages for 
 weight twice (SmolLM2: 420 dense weights of up to 3.5 MiB per step). Every call order (generate, then train, then
 merge) is correct because the stored codes are never modified in place, unlike bitsandbytes
 0.50.2's `nn.Linear4bit`, which repacks its weight on the first no-grad CPU forward.
+
+Storage. By default each tensor of the QuantizedWeight (codes, scales, nested statistics) is a
+buffer `qweight_<name>`. `store_as_parameter()` moves them into one frozen 1-D uint8 parameter,
+`qweight_storage`, for FSDP, which shards parameters and replicates buffers (train/fsdp.py):
+
+    qweight_storage = [ tensor_0 bytes | pad | tensor_1 bytes | pad | ... ]   (Σ bytes,) uint8
+
+each tensor starting at a multiple of STORAGE_ALIGNMENT bytes and read back as a view of its
+dtype and shape, the way bitsandbytes' `quant_storage` lets FSDP flatten 4-bit weights with
+everything else. One storage dtype serves every format.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from qlorakit.quant.base import QuantFormat, QuantizedWeight
 
 
 _scratch = threading.local()
+STORAGE_ALIGNMENT = 16  # bytes: every tensor in a flat storage starts on a multiple (fp32/fp16 views need it)
 
 
 def scratch_buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor | None:
@@ -103,6 +114,7 @@ class QuantLinear(nn.Module):
         self.compute_dtype = compute_dtype
         self.source_layout = source_layout
         self._tensor_names = list(qweight.tensors)
+        self._storage_layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]] | None = None  # see store_as_parameter
         for name, tensor in qweight.tensors.items():
             self.register_buffer(f"qweight_{name}", tensor)
         if bias is not None:
@@ -121,13 +133,45 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
-        tensors = {name: getattr(self, f"qweight_{name}") for name in self._tensor_names}
+        if self._storage_layout is None:
+            tensors = {name: getattr(self, f"qweight_{name}") for name in self._tensor_names}
+        else:
+            tensors = _views_of(self.qweight_storage, self._storage_layout)
         return QuantizedWeight(self.fmt.name, (self.out_features, self.in_features), self.group_size, tensors, self.options)
+
+    @property
+    def storage_device(self) -> torch.device:
+        if self._storage_layout is not None:
+            return self.qweight_storage.device
+        return self._buffers[f"qweight_{self._tensor_names[0]}"].device
+
+    @property
+    def stores_as_parameter(self) -> bool:
+        return self._storage_layout is not None
+
+    def store_as_parameter(self) -> None:
+        """Move the stored tensors into the one frozen uint8 parameter `qweight_storage` (module
+        docstring); the values, and every result computed from them, stay the same."""
+        if self._storage_layout is not None:
+            return
+        tensors = {name: self._buffers.pop(f"qweight_{name}") for name in self._tensor_names}
+        layout, offset = {}, 0
+        for name, tensor in tensors.items():
+            layout[name] = (tensor.dtype, tuple(tensor.shape), offset)
+            offset += -(-tensor.numel() * tensor.element_size() // STORAGE_ALIGNMENT) * STORAGE_ALIGNMENT
+        device = next(iter(tensors.values())).device
+        storage = torch.zeros(offset, dtype=torch.uint8, device=device)  # (Σ aligned bytes,)
+        for name, view in _views_of(storage, layout).items():
+            view.copy_(tensors[name])
+        self._storage_layout = layout
+        self.qweight_storage = nn.Parameter(storage, requires_grad=False)
 
     def set_qweight(self, qweight: QuantizedWeight) -> None:
         """Replace the stored quantized weight (same format and shape)."""
         if qweight.shape != (self.out_features, self.in_features) or qweight.format != self.fmt.name:
             raise ValueError(f"expected a {self.fmt.name} weight of shape {(self.out_features, self.in_features)}")
+        if self._storage_layout is not None:
+            raise ValueError("set_qweight: this layer keeps its weight as a flat parameter (store_as_parameter)")
         for name, tensor in qweight.tensors.items():
             setattr(self, f"qweight_{name}", tensor)
 
@@ -143,8 +187,7 @@ class QuantLinear(nn.Module):
         call for any quantized weight, so only for a matmul that consumes it at once."""
         if self.dense_cache is not None and self.dense_cache.dtype == self.compute_dtype:
             return self.dense_cache
-        device = self._buffers[f"qweight_{self._tensor_names[0]}"].device
-        out = scratch_buffer("dense_weight", (self.out_features, self.in_features), self.compute_dtype, device)
+        out = scratch_buffer("dense_weight", (self.out_features, self.in_features), self.compute_dtype, self.storage_device)
         return self.fmt.dequantize(self.qweight, self.compute_dtype, out=out)  # out None: a fresh tensor
 
     def forward(self, x: Tensor) -> Tensor:
@@ -158,6 +201,15 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
             f"group_size={self.group_size}, compute_dtype={self.compute_dtype}, bias={self.bias is not None}"
         )
+
+
+def _views_of(storage: Tensor, layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]]) -> dict[str, Tensor]:
+    """name -> the tensor (dtype, shape) that starts at its byte offset in a flat uint8 `storage`."""
+    views = {}
+    for name, (dtype, shape, offset) in layout.items():
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        views[name] = storage[offset : offset + nbytes].view(dtype).view(shape)
+    return views
 
 
 @contextlib.contextmanager

@@ -73,7 +73,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], skeleton) -> dict:
     return build(skeleton)
 
 
-def save_checkpoint(run_dir: Path, step: int, adapter_state: dict, optimizer, data_position: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, adapter_state: dict, optimizer_state: dict, data_position: dict) -> Path:
     """Write checkpoints/step-`step` atomically; returns its path.
 
     Raises:
@@ -91,7 +91,7 @@ def save_checkpoint(run_dir: Path, step: int, adapter_state: dict, optimizer, da
         staging = new_staging_dir(final)  # checkpoints/.step-N.tmp-XXXX
         writing = final / "adapter_model.safetensors"  # named by where it is published: the staging name is gone after
         save_file(adapter_state, str(staging / writing.name))
-        tensors, rest = _flatten_optimizer(optimizer.state_dict())
+        tensors, rest = _flatten_optimizer(optimizer_state)
         writing = final / "optimizer.safetensors"
         save_file(tensors, str(staging / writing.name))
         rng = {"torch_cpu": torch.get_rng_state()}
@@ -164,15 +164,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def load_checkpoint(path: Path, optimizer) -> tuple[int, dict, dict]:
-    """Restore optimizer and RNG states; returns (step, adapter_state, data_position)."""
+def load_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:
+    """Restore the RNG states; returns (step, adapter_state, optimizer_state, data_position)."""
     path = Path(path)
     remove_staging(path.parent)
     state = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    optimizer_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
     cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    return state["step"], load_file(str(path / "adapter_model.safetensors")), state["data"]
+    return state["step"], load_file(str(path / "adapter_model.safetensors")), optimizer_state, state["data"]

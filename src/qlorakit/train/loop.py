@@ -43,6 +43,7 @@ from qlorakit.models.load import load_model, load_tokenizer
 from qlorakit.models.sources import resolve_source
 from qlorakit.quant.linear import cached_dense_weights
 from qlorakit.train import checkpoint as ckpt
+from qlorakit.train import fsdp
 from qlorakit.train.distributed import World, init_world, shutdown
 from qlorakit.train.fast_paths import model_fast_paths, process_fast_paths
 from qlorakit.train.loss import causal_lm_loss
@@ -65,7 +66,7 @@ class TrainResult:
     val_loss: float | None
     seconds: float
     resumed_from: str | None
-    model: object = None
+    model: object = None  # None after an fsdp run (its ranks held shards): restore it from run_dir
     tokenizer: object = None
     source: object = None  # the resolved model source (models.sources.ModelSource)
     spec: dict | None = None  # quantization.json of the run
@@ -183,8 +184,12 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
     if world.is_main and not matmul_is_native(cfg.model.dtype, device):
         _log(f"warning: model.dtype {cfg.model.dtype}: this CPU has no {cfg.model.dtype} matmul instructions and torch "
              f"emulates them, many times slower than fp32; model.dtype=fp32 trains faster here")
+    sharded = world.size > 1 and t.distributed == "fsdp"
     if world.size > 1 and world.is_main:
         _log(f"world size: {world.size}")
+    if sharded and keep_dense_weights:
+        raise ValueError("train.distributed: fsdp shards the 4-bit base; keeping every layer's dense weight "
+                         "(keep_dense_weights) would gather it whole on every rank")
 
     # 1. Validate everything before writing anything.
     # Rank 0 writes the run directory: it holds its lock (files/lock.py) until train() returns or raises.
@@ -206,7 +211,8 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
     torch.manual_seed(t.seed)
     loaded = load_model(
         source, dtype=cfg.model.dtype, quant=cfg.quant.method, group_size=cfg.quant.group_size,
-        double_quant=cfg.quant.double_quant, quantize_lm_head=cfg.quant.quantize_lm_head, device=device, progress=progress,
+        double_quant=cfg.quant.double_quant, quantize_lm_head=cfg.quant.quantize_lm_head,
+        device="cpu" if sharded else device, progress=progress,  # fsdp: each rank moves only its shards to `device`
     )
     model = loaded.model
     torch.manual_seed(t.seed)
@@ -228,6 +234,13 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
     run_scope.enter_context(model_fast_paths(model, t.fast_paths, fast, dtype=cfg.model.dtype, device=device))
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if sharded:
+        units = fsdp.shard_model(model, world.size, device)
+        if world.is_main:
+            _log(f"FSDP shards the model across {world.size} ranks: {units} units ({units - 1} decoder layers and the "
+                 f"root), the 4-bit storage, adapter, gradients and optimizer state each split {world.size} ways")
+    elif world.size > 1 and world.is_main:
+        _log(f"data parallel: every rank holds the whole model (train.distributed: ddp)")
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
     pad_id = pad_token_id(tokenizer)
     stream = BatchStream(train_rows, t.batch_size, t.seed, d.packing, pad_id, world)
@@ -244,8 +257,14 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
     if t.resume:
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is not None:
-            start_step, adapter_state, position = ckpt.load_checkpoint(latest, optimizer)
-            _load_adapter_state(model, adapter_state)
+            start_step, adapter_state, optimizer_state, position = ckpt.load_checkpoint(latest)
+            _check_topology(latest, optimizer_state, sharded)
+            if sharded:
+                fsdp.load_full_adapter_state(model, adapter_state)
+                fsdp.load_full_optimizer_state(model, optimizer, optimizer_state)
+            else:
+                _load_adapter_state(model, adapter_state)
+                optimizer.load_state_dict(optimizer_state)
             stream.seek(position["epoch"], position["index"])
             resumed_from = str(latest)
             _log(f"resumed from {latest}")
@@ -282,10 +301,11 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
                 loss = _forward_loss(model, batch, num_items, device)
                 loss.backward()
                 step_loss += float(loss.detach())
-            world.sum_gradients(params)
+            if not sharded:  # FSDP has reduce-scattered them already
+                world.sum_gradients(params)
             if world.size > 1:
                 step_loss = _sum_float(step_loss, world, device)
-            grad_norm = _clip(params, t.max_grad_norm)
+            grad_norm = fsdp.sharded_gradient_norm(params, t.max_grad_norm) if sharded else _clip(params, t.max_grad_norm)
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 if not t.skip_nonfinite:
@@ -310,22 +330,27 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
                 log.write({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / seconds, "tokens": tokens,
                            "step_seconds": seconds, "grad_norm": grad_norm,
                            "epoch": stream.epoch + stream.index / max(1, stream.batches_per_epoch)})
-            if log is not None and val_rows and t.eval_every and step % t.eval_every == 0 and step != steps:
-                log.write({"step": step, "val_loss": evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)})
-            if world.is_main and t.save_every and step % t.save_every == 0 and step != steps:
-                ckpt.save_checkpoint(run_dir, step, adapter_state_dict(model), optimizer, stream.position())
+            if (log is not None or sharded) and val_rows and t.eval_every and step % t.eval_every == 0 and step != steps:
+                loss_now = evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)  # fsdp: every rank runs it
+                if log is not None:
+                    log.write({"step": step, "val_loss": loss_now})
+            if t.save_every and step % t.save_every == 0 and step != steps:
+                _save_checkpoint(run_dir, step, model, optimizer, stream, world, sharded)
         bar.close()
 
     # 5. Results (rank 0): final checkpoint, adapter, validation loss, loss curve.
+    if steps > start_step:
+        _save_checkpoint(run_dir, steps, model, optimizer, stream, world, sharded)
+    if val_rows and (world.is_main or sharded):
+        val_loss = evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)
+    final_adapter = fsdp.full_adapter_state(model) if sharded else None
     if world.is_main:
-        if steps > start_step:
-            ckpt.save_checkpoint(run_dir, steps, adapter_state_dict(model), optimizer, stream.position())
         if val_rows:
-            val_loss = evaluate_loss(model, val_rows, t.batch_size, d.packing, pad_id, device)
             log.write({"step": steps, "val_loss": val_loss})
         log.close()
         given_template = tokenizer.chat_template if report.template in CHAT_FORMATS else None
-        save_adapter(model, run_dir / "adapter", source.location, cfg.adapter.dropout, chat_template=given_template)
+        save_adapter(model, run_dir / "adapter", source.location, cfg.adapter.dropout, chat_template=given_template,
+                     state=final_adapter)
         records = read_metrics(run_dir / "metrics.jsonl")
         plot_loss(records, run_dir / "loss.png", spec["tag"])
         losses = [r["loss"] for r in records if r.get("loss") is not None]
@@ -334,8 +359,30 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
     world.barrier()
     shutdown(world)
     model.eval()
-    return TrainResult(run_dir, steps, first_loss, last_loss, val_loss, time.perf_counter() - started, resumed_from, model,
+    kept = None if sharded else model  # a rank's shards are no model to merge or generate with: the run directory is
+    return TrainResult(run_dir, steps, first_loss, last_loss, val_loss, time.perf_counter() - started, resumed_from, kept,
                        tokenizer, source, spec, world.is_main)
+
+
+def _save_checkpoint(run_dir: Path, step: int, model, optimizer, stream: BatchStream, world: World, sharded: bool) -> None:
+    """Rank 0 writes the checkpoint; under fsdp every rank first takes part in gathering its tensors."""
+    if sharded:
+        adapter, optimizer_state = fsdp.full_adapter_state(model), fsdp.full_optimizer_state(model, optimizer)
+    elif world.is_main:
+        adapter, optimizer_state = adapter_state_dict(model), optimizer.state_dict()
+    if world.is_main:
+        ckpt.save_checkpoint(run_dir, step, adapter, optimizer_state, stream.position())
+
+
+def _check_topology(checkpoint: Path, optimizer_state: dict, sharded: bool) -> None:
+    """A checkpoint resumes under the train.distributed that wrote it: fsdp keys the optimizer
+    state by parameter name, one process and ddp by parameter index."""
+    keys = list(optimizer_state.get("state", {}))
+    by_name = bool(keys) and isinstance(keys[0], str)
+    if keys and by_name != sharded:
+        wrote, now = ("fsdp", "ddp or one process") if by_name else ("ddp or one process", "fsdp")
+        raise ValueError(f"{checkpoint}: written by a train.distributed {wrote} run, resumed as {now}; "
+                         f"resume with the train.distributed and number of ranks that wrote it")
 
 
 def _sum_float(value: float, world: World, device) -> float:
