@@ -53,6 +53,14 @@ class World:
             torch.distributed.barrier()
 
 
+def distributed_mode(configured: str) -> tuple[str, str | None]:
+    """(train.distributed in effect, the reason when the launcher chose it): `accelerate launch` with
+    an FSDP config (distributed_type: FSDP) sets ACCELERATE_USE_FSDP=true, which selects fsdp."""
+    if configured == "ddp" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp", "accelerate's FSDP config (ACCELERATE_USE_FSDP=true) selects train.distributed: fsdp"
+    return configured, None
+
+
 def init_world() -> World:
     """The process group of a torchrun launch, or a one-process world."""
     size = int(os.environ.get("WORLD_SIZE", "1"))

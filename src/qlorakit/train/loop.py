@@ -44,7 +44,7 @@ from qlorakit.models.sources import resolve_source
 from qlorakit.quant.linear import cached_dense_weights
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train import fsdp
-from qlorakit.train.distributed import World, init_world, shutdown
+from qlorakit.train.distributed import World, distributed_mode, init_world, shutdown
 from qlorakit.train.fast_paths import model_fast_paths, process_fast_paths
 from qlorakit.train.loss import causal_lm_loss
 from qlorakit.train.metrics import MetricsLog, plot_loss, read_metrics, sparkline
@@ -184,9 +184,12 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
     if world.is_main and not matmul_is_native(cfg.model.dtype, device):
         _log(f"warning: model.dtype {cfg.model.dtype}: this CPU has no {cfg.model.dtype} matmul instructions and torch "
              f"emulates them, many times slower than fp32; model.dtype=fp32 trains faster here")
-    sharded = world.size > 1 and t.distributed == "fsdp"
+    mode, chosen_by = distributed_mode(t.distributed)
+    sharded = world.size > 1 and mode == "fsdp"
     if world.size > 1 and world.is_main:
         _log(f"world size: {world.size}")
+        if chosen_by:
+            _log(chosen_by)
     if sharded and keep_dense_weights:
         raise ValueError("train.distributed: fsdp shards the 4-bit base; keeping every layer's dense weight "
                          "(keep_dense_weights) would gather it whole on every rank")

@@ -1,0 +1,133 @@
+"""`train.distributed: fsdp`: two gloo ranks under torchrun shard the 4-bit base with FSDP2 and
+train the adapter one process trains with the same global batch; a killed run resumes to the
+uninterrupted run's adapter; the flat uint8 storage computes what the buffers computed."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlorakit.config import save_config
+from qlorakit.quant.linear import QuantLinear
+from qlorakit.quant.registry import get_format
+from qlorakit.train.loop import train
+from tests.train.conftest import tiny_config, write_jsonl
+from tests.train.test_distributed import _free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+STORAGE_FORMATS = ["nf4", "fp4", "int4", "q4_0", "q4_1", "q5_0", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"]
+
+
+def _torchrun(*args: str, port: int | None = None) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port or _free_port()), *args]
+
+
+def _env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+
+
+@pytest.mark.parametrize("name", STORAGE_FORMATS)
+def test_flat_storage_computes_what_the_buffers_computed(name):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 512)
+    fmt = get_format(name, double_quant=True) if name == "nf4" else get_format(name)
+    bias = torch.randn(48)
+    layer = QuantLinear(fmt.quantize(weight), fmt, bias, torch.float32)
+    x = torch.randn(3, 512)
+    before, out_before = layer.dequantize_weight(), layer(x)
+    tensors = {k: v.clone() for k, v in layer.qweight.tensors.items()}
+    layer.store_as_parameter()
+    assert list(layer.buffers()) == []  # nothing left for FSDP to replicate
+    storage = [p for n, p in layer.named_parameters() if n == "qweight_storage"]
+    assert len(storage) == 1 and storage[0].dtype == torch.uint8 and storage[0].dim() == 1
+    assert not storage[0].requires_grad
+    for key, view in layer.qweight.tensors.items():
+        assert view.dtype == tensors[key].dtype and torch.equal(view, tensors[key]), key
+    assert torch.equal(layer.dequantize_weight(), before)
+    assert torch.equal(layer(x), out_before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["nf4", "int4", "q4_1", "q4_k", "q6_k"])
+def test_sharded_layers_compute_the_unsharded_gradients(method):
+    """The dequantize-in-backward sees gathered parameters: the worker compares every adapter
+    gradient of the sharded model with its unsharded copy's (tests/train/fsdp_gradients_worker.py)."""
+    out = subprocess.run(_torchrun("-m", "tests.train.fsdp_gradients_worker", method), capture_output=True, text=True,
+                         timeout=300, env=_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"equal gradients: 28 adapter tensors, {method}" in out.stderr
+
+
+def _train_ranks(config_path: Path, *overrides: str, kill_after: Path | None = None) -> subprocess.CompletedProcess | None:
+    command = _torchrun("-m", "qlorakit", "train", str(config_path), "--no-progress", *overrides)
+    if kill_after is None:
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env())
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not kill_after.is_file():
+        assert process.poll() is None, "the run ended before its checkpoint appeared"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks
+    process.wait()
+    return None
+
+
+def _max_difference(ours: dict, theirs: dict) -> float:
+    return max(float((ours[k] - theirs[k]).abs().max()) for k in theirs)
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_match_one_process_and_resume_after_a_kill(tiny_model_dir, qa_rows, tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+
+    def config(name, batch_size, **train_values):
+        cfg = tiny_config(tiny_model_dir, data, tmp_path / name, max_steps=6, batch_size=batch_size, grad_accum=2, **train_values)
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, distributed="fsdp"))
+
+    train(config("single", 4), progress=False)
+    save_config(config("ranks", 2), tmp_path / "ranks.yaml")
+    out = _train_ranks(tmp_path / "ranks.yaml")
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = [line for line in out.stderr.splitlines() if line and not line.startswith(("*", "Setting OMP_NUM_THREADS"))]
+    assert log[0] == "world size: 2", log[:3]  # qlorakit's first line, after torchrun's banner
+    sharding = [line for line in log if line.startswith("FSDP shards the model across 2 ranks: 3 units (2 decoder layers")]
+    assert sharding and log.index(sharding[0]) < next(i for i, line in enumerate(log) if line.startswith("training ")), log
+    assert "effective batch 2 x 2 x 2 = 8" in out.stderr
+    assert len((tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()) == 6  # rank 0 alone writes
+
+    theirs = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "ranks" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert max(float(t.abs().max()) for k, t in theirs.items() if "lora_B" in k) > 1e-3  # training moved the adapter
+    # The DDP test's bound (tests/train/test_distributed.py, fp32): a tenth of one Adam step anywhere, 99% within 1e-5.
+    diff = torch.cat([(ours[k] - theirs[k]).abs().flatten() for k in theirs])
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-2, atol=1e-3, msg=k)
+    assert float((diff <= 1e-5).float().mean()) >= 0.99, "fewer than 99% of the adapter values agree to 1e-5"
+
+    # Killed after its step-2 checkpoint, then resumed on 2 ranks: the uninterrupted run's adapter.
+    save_config(config("killed", 2, save_every=2), tmp_path / "killed.yaml")
+    _train_ranks(tmp_path / "killed.yaml", kill_after=tmp_path / "killed" / "checkpoints" / "step-2" / "state.json")
+    assert not (tmp_path / "killed" / "adapter" / "adapter_model.safetensors").exists()
+    out = _train_ranks(tmp_path / "killed.yaml", "train.resume=true")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stderr
+    resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    for k in ours:
+        torch.testing.assert_close(resumed[k], ours[k], rtol=1e-2, atol=1e-3, msg=k)
+    diff = torch.cat([(resumed[k] - ours[k]).abs().flatten() for k in ours])
+    assert float((diff <= 1e-5).float().mean()) >= 0.99, f"resumed: largest difference {float(diff.max()):.3g}"
+
+    # The checkpoint is of its topology: resuming it in one process is refused, by name.
+    cfg = dataclasses.replace(config("killed", 4), train=dataclasses.replace(config("killed", 4).train, resume=True, max_steps=8))
+    with pytest.raises(ValueError, match=r"step-6: written by a train.distributed fsdp run, resumed as ddp or one process"):
+        train(cfg, progress=False)
