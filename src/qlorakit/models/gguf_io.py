@@ -255,14 +255,15 @@ def dense_tensor(path: Path, reader_tensor) -> Tensor:
         raise GGUFError(f"{path}: tensor {reader_tensor.name} ({reader_tensor.tensor_type.name}, shape {list(shape)}): {error}") from None
 
 
-def block_weight(path: Path, reader_tensor):
-    """A block-format GGUF tensor wrapped as a QuantizedWeight over its own bytes; a tensor whose
-    shape or byte count does not fit its format raises GGUFError naming the file and the tensor."""
+def block_weight(path: Path, reader_tensor, copy: bool = True):
+    """A block-format GGUF tensor wrapped as a QuantizedWeight over its own bytes (a copy, or with
+    `copy=False` the file's memory map); a tensor whose shape or byte count does not fit its format
+    raises GGUFError naming the file and the tensor."""
     from qlorakit.quant.base import QuantizationError
     from qlorakit.quant.gguf_types import quantized_weight_from_gguf
 
     try:
-        return quantized_weight_from_gguf(reader_tensor)
+        return quantized_weight_from_gguf(reader_tensor, copy=copy)
     except QuantizationError as error:
         raise GGUFError(f"{path}: {error}") from None
 

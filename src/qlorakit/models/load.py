@@ -65,11 +65,15 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     progress: bool = True,
+    map_gguf_blocks: bool = False,
 ) -> LoadedModel:
     """Load a causal LM in `dtype`, then quantize its linear layers with format `quant`.
 
     quant: "none", "nf4", "fp4", "int4", or "gguf" (GGUF sources only: keep each tensor's own
     block format). Returns the model in eval mode with every base parameter frozen.
+    map_gguf_blocks (quant "gguf"): the kept blocks are read-only views of the file's memory map,
+    not copies, so that a process that keeps only part of them (an FSDP rank, train/fsdp.py) reads
+    only the pages of that part.
     """
     source = as_source(source)
     torch_dtype = to_torch_dtype(dtype)
@@ -89,7 +93,8 @@ def load_model(
     cached = _read_quantized_cache(cache_path)
     if source.kind == "gguf":
         # Layers whose codes are cached are never dequantized from the file (they stay on meta).
-        model = _load_gguf(source, torch_dtype, progress, keep_blocks=quant == "gguf", skip=_cached_modules(cached))
+        model = _load_gguf(source, torch_dtype, progress, keep_blocks=quant == "gguf", skip=_cached_modules(cached),
+                           map_blocks=map_gguf_blocks)
     elif prequantized is not None:
         model = load_int4_checkpoint(source, torch_dtype, progress, dequantize=quant == "none", group_size=group_size)
     else:
@@ -207,7 +212,7 @@ def _load_pickle_weights(source: ModelSource, dtype: torch.dtype, trust_remote_c
 
 
 def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blocks: bool,
-               skip: set[str] = frozenset()) -> nn.Module:
+               skip: set[str] = frozenset(), map_blocks: bool = False) -> nn.Module:
     """Build the architecture from the GGUF metadata and fill it from the file's tensors.
 
     keep_blocks: linear layers become QuantLinear layers over the file's own bytes, in the
@@ -245,7 +250,7 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
                 raise ModelSourceError(
                     f"{source.spec}: tensor {tensor.name} is {tensor.tensor_type.name}, a type quant.method gguf cannot "
                     f"keep (kept: {', '.join(GGML_TYPE_TO_FORMAT)}); quant.method none loads a dense copy of the model")
-            qweight = gguf_io.block_weight(source.location, tensor)
+            qweight = gguf_io.block_weight(source.location, tensor, copy=not map_blocks)
             if heads is not None:
                 qweight.tensors["blocks"] = gguf_io.unpermute_qk_rows(qweight.tensors["blocks"], heads).contiguous()
             kept[module_name] = qweight

@@ -5,6 +5,8 @@ gguf is imported inside the functions only (importing qlorakit does nothing heav
 
 from __future__ import annotations
 
+import warnings
+
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,12 +60,13 @@ def ggml_type_for_format(name: str) -> "gguf.GGMLQuantizationType":
         raise QuantizationError(f"format {name!r} has no GGUF tensor type; GGUF formats: {', '.join(FORMAT_TO_GGML_TYPE)}") from None
 
 
-def quantized_weight_from_gguf(tensor: "gguf.ReaderTensor") -> QuantizedWeight:
+def quantized_weight_from_gguf(tensor: "gguf.ReaderTensor", copy: bool = True) -> QuantizedWeight:
     """Wrap a quantized 2-D tensor of a `gguf.GGUFReader` without converting its bytes.
 
     gguf-py reports shapes innermost first: tensor.shape = (ne0, ne1) = (in_features, out_features),
     and `tensor.data` is uint8 (out_features, in_features / 32 * bytes_per_block), a read-only view
-    of the memory-mapped file, which is copied here.
+    of the memory-mapped file, which is copied here; with `copy=False` the weight is that view
+    itself (nothing is read until a page is used; nothing may write to it: QuantLinear never does).
     """
     from qlorakit.quant.registry import format_class
 
@@ -71,8 +74,12 @@ def quantized_weight_from_gguf(tensor: "gguf.ReaderTensor") -> QuantizedWeight:
     if len(tensor.shape) != 2:
         raise QuantizationError(f"{tensor.name}: expected a 2-D weight, GGUF shape is {list(map(int, tensor.shape))}")
     in_features, out_features = (int(n) for n in tensor.shape)
-    data = np.array(tensor.data, dtype=np.uint8, copy=True)  # (out, nblocks * bytes), writable
-    blocks = torch.from_numpy(data.reshape(out_features, -1))  # (out, nblocks * bytes)
+    if copy:
+        blocks = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True).reshape(out_features, -1))
+    else:
+        with warnings.catch_warnings():  # torch warns that the mapped array is read-only: it is, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            blocks = torch.from_numpy(np.asarray(tensor.data).reshape(out_features, -1))  # (out, nblocks * bytes)
     try:
         return format_class(name).wrap(blocks, (out_features, in_features))
     except QuantizationError as e:

@@ -155,14 +155,18 @@ class QuantLinear(nn.Module):
         if self._storage_layout is not None:
             return
         tensors = {name: self._buffers.pop(f"qweight_{name}") for name in self._tensor_names}
-        layout, offset = {}, 0
+        layout, offset, end = {}, 0, 0
         for name, tensor in tensors.items():
             layout[name] = (tensor.dtype, tuple(tensor.shape), offset)
-            offset += -(-tensor.numel() * tensor.element_size() // STORAGE_ALIGNMENT) * STORAGE_ALIGNMENT
-        device = next(iter(tensors.values())).device
-        storage = torch.zeros(offset, dtype=torch.uint8, device=device)  # (Σ aligned bytes,)
-        for name, view in _views_of(storage, layout).items():
-            view.copy_(tensors[name])
+            end = offset + tensor.numel() * tensor.element_size()
+            offset = -(-end // STORAGE_ALIGNMENT) * STORAGE_ALIGNMENT
+        only = next(iter(tensors.values()))
+        if len(tensors) == 1 and only.dtype == torch.uint8 and only.is_contiguous():
+            storage = only.view(-1)  # GGUF blocks: the bytes as they are (a memory map stays one)
+        else:
+            storage = torch.zeros(end, dtype=torch.uint8, device=only.device)  # (Σ aligned bytes,)
+            for name, view in _views_of(storage, layout).items():
+                view.copy_(tensors[name])
         self._storage_layout = layout
         self.qweight_storage = nn.Parameter(storage, requires_grad=False)
 

@@ -4,7 +4,11 @@
                                uint8 parameter, which FSDP shards (it replicates buffers)
     every decoder layer     -> fully_shard(layer): one FSDP unit, gathered for its forward and
                                again for its backward, resharded after each
-    the model               -> fully_shard(model): embeddings, final norm and head
+    the model               -> fully_shard(model): the root unit, for trainable parameters outside
+                               the layers (an adapter on the head); the frozen ones (embeddings,
+                               final norm, head) stay whole on every rank: the root unit is gathered
+                               for the whole step, so sharding them would add a gathered copy to
+                               each rank's shard, costing memory instead of saving it
     gradients               -> reduce-scattered and *summed* (divide factor 1): the loss is already
                                Σ token losses / tokens of the global step, as under DDP
 
@@ -52,7 +56,11 @@ def shard_model(model: nn.Module, world_size: int, device: str | torch.device) -
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    replicated = {p for p in model.parameters() if id(p) not in in_layers and not p.requires_grad}
+    for param in replicated:
+        param.data = param.data.to(mesh.device_type)  # FSDP moves only the parameters it manages
+    fully_shard(model, mesh=mesh, ignored_params=replicated)
     for unit in (*layers, model):  # per unit: neither setting recurses
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM

@@ -216,6 +216,7 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
         source, dtype=cfg.model.dtype, quant=cfg.quant.method, group_size=cfg.quant.group_size,
         double_quant=cfg.quant.double_quant, quantize_lm_head=cfg.quant.quantize_lm_head,
         device="cpu" if sharded else device, progress=progress,  # fsdp: each rank moves only its shards to `device`
+        map_gguf_blocks=sharded,  # fsdp: a rank copies only its shards out of the file (train/fsdp.py)
     )
     model = loaded.model
     torch.manual_seed(t.seed)
@@ -241,7 +242,8 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
         units = fsdp.shard_model(model, world.size, device)
         if world.is_main:
             _log(f"FSDP shards the model across {world.size} ranks: {units} units ({units - 1} decoder layers and the "
-                 f"root), the 4-bit storage, adapter, gradients and optimizer state each split {world.size} ways")
+                 f"root); their 4-bit storage, adapters, gradients and optimizer state split {world.size} ways, the frozen "
+                 f"embeddings, final norm and head whole on every rank")
     elif world.size > 1 and world.is_main:
         _log(f"data parallel: every rank holds the whole model (train.distributed: ddp)")
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)

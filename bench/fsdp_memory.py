@@ -1,0 +1,107 @@
+"""Per-rank peak memory of FSDP training against one process, and what `qlorakit plan` predicts.
+
+    python bench/fsdp_memory.py [--model gemma3-270m] [--steps 3] [--out bench/results/fsdp_memory.json]
+
+One config (LoRA r=16 on every linear layer of the model's own GGUF blocks, quant.method gguf,
+fp32, 256-token rows) trained three ways, each process measured by bench/rank_peak.py
+(getrusage ru_maxrss: the whole process, loading included):
+
+    one process       batch 4
+    2 ranks, ddp      batch 2 per rank (the same global batch)
+    2 ranks, fsdp     batch 2 per rank
+
+and `qlorakit plan` for each (--processes 2, with --fsdp for the last). The issue's bar: each
+FSDP rank below one process by at least a third of the quantized weights, and the plan within 15%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.plan_accuracy import _env, write_text_data  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(model: str, data: Path, out: Path, batch_size: int, steps: int, distributed: str) -> dict:
+    return {
+        "model": {"name": model, "dtype": "fp32"},
+        "quant": {"method": "gguf"},
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
+        "data": {"path": str(data), "max_length": 256},
+        "train": {"output_dir": str(out), "max_steps": steps, "batch_size": batch_size, "save_every": None,
+                  "warmup_ratio": 0.0, "distributed": distributed},
+    }
+
+
+def _measure(config_path: Path, ranks: int, peaks_dir: Path) -> list[int]:
+    peaks_dir.mkdir(parents=True, exist_ok=True)
+    probe = [str(ROOT / "bench" / "rank_peak.py"), str(peaks_dir), "-m", "qlorakit", "train", str(config_path),
+             "--overwrite", "--no-progress"]
+    if ranks == 1:
+        command = [sys.executable, *probe]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+                   "127.0.0.1", "--master_port", str(_free_port()), *probe]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=_env(PYTHONPATH=f"{ROOT}:{ROOT / 'src'}"))
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed: {out.stderr[-3000:]}")
+    return [json.loads((peaks_dir / f"rank-{r}.json").read_text())["peak_bytes"] for r in range(ranks)]
+
+
+def _plan(config_path: Path, processes: int, fsdp: bool) -> dict:
+    command = [sys.executable, "-m", "qlorakit", "plan", str(config_path), "--json", "--processes", str(processes)]
+    out = subprocess.run(command + (["--fsdp"] if fsdp else []), capture_output=True, text=True, timeout=300, env=_env())
+    if out.returncode:
+        raise RuntimeError(f"qlorakit plan failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fsdp_memory.json"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fsdp-memory-"))
+    data = write_text_data(work / "text.jsonl")
+    rows = []
+    for name, ranks, batch, distributed in (("one process", 1, 4, "ddp"), ("2 ranks ddp", 2, 2, "ddp"),
+                                            ("2 ranks fsdp", 2, 2, "fsdp")):
+        path = work / f"{name.replace(' ', '-')}.yaml"
+        path.write_text(yaml.safe_dump(_config(args.model, data, work / "runs" / name.replace(" ", "-"), batch,
+                                               args.steps, distributed), sort_keys=False))
+        plan = _plan(path, ranks, distributed == "fsdp")
+        peaks = _measure(path, ranks, work / "peaks" / name.replace(" ", "-"))
+        rows.append({"run": name, "ranks": ranks, "batch_per_rank": batch, "peak_mib_per_rank": [round(p / 2**20, 1) for p in peaks],
+                     "planned_mib": round(plan["peak_bytes"] / 2**20, 1),
+                     "plan_error_percent": round(100 * (plan["peak_bytes"] - max(peaks)) / max(peaks), 1),
+                     "quantized_weights_mib": round(sum(plan["weights_by_format"].values()) / 2**20, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    single, fsdp = max(rows[0]["peak_mib_per_rank"]), max(rows[2]["peak_mib_per_rank"])
+    quantized = rows[0]["quantized_weights_mib"]
+    summary = {"model": args.model, "steps": args.steps, "rows": rows, "fsdp_saving_mib": round(single - fsdp, 1),
+               "third_of_quantized_weights_mib": round(quantized / 3, 1),
+               "command": f"python bench/fsdp_memory.py --model {args.model} --steps {args.steps}"}
+    Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"one process {single:.1f} MiB, an FSDP rank {fsdp:.1f} MiB: {single - fsdp:.1f} MiB less "
+          f"(a third of the quantized weights: {quantized / 3:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
