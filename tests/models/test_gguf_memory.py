@@ -36,8 +36,8 @@ def test_no_mapping_outlives_the_copy_of_its_tensor(tiny_gguf, monkeypatch):
     for name in ("block_weight", "dense_tensor"):
         original = getattr(gguf_io, name)
 
-        def spy(path, tensor, original=original):
-            result = original(path, tensor)
+        def spy(path, tensor, original=original, **options):
+            result = original(path, tensor, **options)
             seen.append((tensor.name, _mappings_of(tiny_gguf)))
             return result
 
@@ -47,6 +47,28 @@ def test_no_mapping_outlives_the_copy_of_its_tensor(tiny_gguf, monkeypatch):
     assert [entry for entry in seen if entry[1]] == []
     assert _mappings_of(tiny_gguf) == 0
     assert loaded.model.model.layers[0].mlp.down_proj.qweight.format == "q4_k"
+
+
+def test_mapped_blocks_equal_the_copies_and_are_released_with_the_model(tiny_gguf):
+    """map_gguf_blocks (train.distributed: fsdp): the kept blocks are views of the file, nothing copied
+    until a page is used, byte for byte the copies; the mappings go with the model."""
+    import gc
+
+    from qlorakit.quant.linear import QuantLinear
+
+    copied = load_model(str(tiny_gguf), dtype="fp32", quant="gguf", progress=False).model
+    mapped = load_model(str(tiny_gguf), dtype="fp32", quant="gguf", progress=False, map_gguf_blocks=True).model
+    assert _mappings_of(tiny_gguf) > 0
+    layers = [(n, m) for n, m in mapped.named_modules() if isinstance(m, QuantLinear)]
+    assert layers
+    for name, layer in layers:
+        assert torch.equal(layer.qweight.tensors["blocks"], copied.get_submodule(name).qweight.tensors["blocks"]), name
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(mapped(ids).logits, copied(ids).logits)
+    del mapped, layers, layer
+    gc.collect()
+    assert _mappings_of(tiny_gguf) == 0
 
 
 def test_chunked_dequantization_equals_gguf_py_whole(tiny_gguf, monkeypatch):

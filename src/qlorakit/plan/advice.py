@@ -36,7 +36,7 @@ def advise(cfg: Config, shapes: ModelShapes, plan: Plan) -> list[dict]:
         options.append(("train.optimizer=adamw8bit", _with(cfg, "train", optimizer="adamw8bit"), n, plan.fsdp))
     if device != "cpu":
         gpus = n if n > 1 and not plan.fsdp else max(2, 2 * n)  # shard over the GPUs DDP already uses, else twice as many
-        options.append((f"FSDP over {gpus} GPUs (configs/accelerate/fsdp-qlora.yaml; needs code changes, see docs/distributed.md)", cfg,
+        options.append((f"FSDP over {gpus} GPUs (train.distributed=fsdp; configs/accelerate/fsdp-qlora.yaml)", cfg,
                         gpus, True))
     out = []
     for change, changed, processes, fsdp in options:

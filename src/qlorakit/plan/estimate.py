@@ -43,7 +43,15 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
                                       + loss + transient + overhead
 
 With P processes: DDP divides nothing per device (every rank holds the whole model and its own
-micro-batch); FSDP (`fsdp=True`) divides weights, adapters, gradients and optimizer states by P.
+micro-batch); FSDP (`fsdp=True`, train/fsdp.py) divides what it shards by P: the quantized weights
+of the decoder layers (a quantized head stays whole), adapters, gradients and optimizer states;
+the dense weights (embeddings, final norm, head) stay whole on every rank. It adds
+
+    gathered     the decoder layers FSDP has gathered at once: the one computing and the one it
+                 prefetches, each Q_layers/L + adapters/L in full (part `gathered_layers`)
+
+and on the CPU a GGUF source read under fsdp keeps its blocks as the file's memory map until FSDP
+copies a rank's shards out of it: the load holds Q/P of the blocks (quant.method gguf).
 """
 
 from __future__ import annotations
@@ -137,6 +145,14 @@ def quantized_bytes(shapes: ModelShapes, group_size: int, double_quant: bool) ->
     return out
 
 
+def head_quantized_bytes(shapes: ModelShapes, group_size: int, double_quant: bool) -> int:
+    """The part of `quantized_bytes` that is the output head's (quant.quantize_lm_head), else 0."""
+    if shapes.quantized_head is None:
+        return 0
+    head = ModelShapes(**{**shapes.__dict__, "quantized": [shapes.quantized_head]})
+    return sum(quantized_bytes(head, group_size, double_quant).values())
+
+
 def layer_activation_bytes(shapes: ModelShapes, batch: int, seq: int, e: int, r: int, dropout: float) -> int:
     """Bytes one decoder layer saves for backward (see the module docstring)."""
     n, h, i = batch * seq, shapes.hidden, shapes.intermediate
@@ -206,10 +222,12 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         trainable = sum(a.r * (in_f + out_f) + magnitude * out_f for in_f, out_f in shapes.lora)
     by_format = quantized_bytes(shapes, cfg.quant.group_size, cfg.quant.double_quant)
     share = processes if fsdp else 1
+    head = head_quantized_bytes(shapes, cfg.quant.group_size, cfg.quant.double_quant)
+    in_layers = sum(by_format.values()) - head
     activations_without_checkpointing = activation_bytes(shapes, batch, seq, e, a.r, a.dropout, False)
     parts = {
-        "quantized_weights": sum(by_format.values()) // share,
-        "dense_weights": shapes.dense_parameters * e // share,
+        "quantized_weights": in_layers // share + head,
+        "dense_weights": shapes.dense_parameters * e,
         "adapters": trainable * 4 // share,
         "gradients": trainable * 4 // share,
         "optimizer": trainable * (8 if t.optimizer == "adamw" else 2) // share,
@@ -218,6 +236,8 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         "transient": transient_bytes(shapes, batch, seq, e, device, a.dropout,
                                      2 if cfg.model.dtype == "bf16" and a.kind == "lora" else 4),
     }
+    if fsdp and processes > 1:
+        parts["gathered_layers"] = 2 * (in_layers + trainable * 4) // max(1, shapes.layers)
     if t.gradient_checkpointing:
         # The layer rebuilt in backward lives after the loss's (chunk, V) blocks are gone: the two
         # overlap in time, so the step holds the larger of them, not their sum.
@@ -229,7 +249,8 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
             cfg.model.dtype, t.gradient_checkpointing, shapes.parameters * e, parts["activations"], parts["loss"],
             activations_without_checkpointing)
         parts["framework"] = rss_base
-        load = rss_base + shapes.parameters * e + sum(by_format.values()) + shapes.mapped_bytes
+        held = in_layers // share + head if fsdp and cfg.quant.method == "gguf" else sum(by_format.values())
+        load = rss_base + shapes.parameters * e + held + shapes.mapped_bytes
     else:
         parts["framework"] = CUDA_CONTEXT
         load = 0  # the model is read on the host and moved: the device sees only its final size

@@ -27,8 +27,9 @@ class ModelShapes:
         quantized: quantized linear layers as (format name, out_features, in_features).
         dense_parameters: parameters that stay in the compute dtype (embeddings, norms, head, biases).
         lora: (in_features, out_features) of every layer an adapter wraps.
-        head_quantized / plain_head: the output head is quantized / a frozen bias-free nn.Linear
-            (qlorakit's chunked loss applies, see train/loss.py).
+        plain_head: the output head is a frozen bias-free nn.Linear (qlorakit's chunked loss
+            applies, see train/loss.py).
+        quantized_head: the head's entry of `quantized` when it is quantized, else None.
         mapped_bytes: size of a GGUF source, memory-mapped (and resident) while it is read.
     """
 
@@ -47,6 +48,7 @@ class ModelShapes:
     lora: list[tuple[int, int]] = field(default_factory=list)
     plain_head: bool = True
     mapped_bytes: int = 0
+    quantized_head: tuple[str, int, int] | None = None
 
     @property
     def formats(self) -> Counter:
@@ -70,7 +72,7 @@ def model_shapes(cfg: Config) -> ModelShapes:
     from qlorakit.models.sources import resolve_source
     from qlorakit.quant.linear import linear_shape
     from qlorakit.quant.registry import format_for_config
-    from qlorakit.quant.replace import linear_layer_names
+    from qlorakit.quant.replace import linear_layer_names, output_head_names
 
     source = resolve_source(cfg.model.name)
     config = load_config(source)
@@ -80,7 +82,8 @@ def model_shapes(cfg: Config) -> ModelShapes:
     fmt = format_for_config(method, q.group_size, q.double_quant)
     names = set(linear_layer_names(model, include_head=q.quantize_lm_head)) if method != "none" else set()
     gguf = gguf_io.linear_formats(source.location, model) if method == "gguf" else {}
-    quantized, quantized_params = [], 0
+    quantized, quantized_params, quantized_head = [], 0, None
+    head_names = set(output_head_names(model))
     for name in sorted(names):
         module = model.get_submodule(name)
         in_f, out_f = linear_shape(module)
@@ -89,6 +92,8 @@ def model_shapes(cfg: Config) -> ModelShapes:
             continue
         quantized.append((kind, out_f, in_f))
         quantized_params += in_f * out_f
+        if name in head_names:
+            quantized_head = quantized[-1]
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     lora = []
     for target in find_targets(model, cfg.adapter.targets):
@@ -108,6 +113,7 @@ def model_shapes(cfg: Config) -> ModelShapes:
         plain_head=isinstance(head, nn.Linear) and head.bias is None and not q.quantize_lm_head
         and type(model).__name__ in _plain_head_models(),
         mapped_bytes=os.path.getsize(source.location) if source.kind == "gguf" else 0,
+        quantized_head=quantized_head,
     )
 
 
