@@ -4,6 +4,8 @@ import dataclasses
 import json
 
 import pytest
+
+from qlorakit.models.load import load_config
 import yaml
 from transformers import LlamaConfig
 
@@ -138,6 +140,21 @@ def test_fits_and_advice(config_dir):
     fsdp = plan_config(cfg, gpu_memory=big.peak_bytes, processes=2, fsdp=True)
     assert ddp.peak_bytes == big.peak_bytes  # data parallel divides nothing per device
     assert fsdp.parts["optimizer"] == big.parts["optimizer"] // 2
+
+
+def test_fsdp_divides_what_train_distributed_fsdp_shards(config_dir):
+    """The decoder layers' 4-bit weights, adapters, gradients and optimizer are split; the dense
+    embeddings and head stay whole (train/fsdp.py); two gathered layers are added."""
+    cfg = _cfg(config_dir)
+    one = plan_config(cfg)
+    two = plan_config(cfg, processes=2, fsdp=True)
+    for part in ("quantized_weights", "adapters", "gradients", "optimizer"):
+        assert two.parts[part] == one.parts[part] // 2, part
+    assert two.parts["dense_weights"] == one.parts["dense_weights"] > 0
+    layers = load_config(config_dir).num_hidden_layers
+    trainable = one.parts["adapters"]  # fp32: 4 bytes per trainable parameter
+    assert two.parts["gathered_layers"] == 2 * (one.parts["quantized_weights"] + trainable) // layers
+    assert "gathered_layers" not in plan_config(cfg, processes=2).parts
 
 
 @pytest.mark.parametrize("text, expected", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("1.5 gib", int(1.5 * 2**30))])

@@ -38,7 +38,9 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
 
     peak = max(load, train):  load  = baseline + dense model in e + quantized weights + a GGUF
                                       source's memory map (CPU only: the model is read in the
-                                      compute dtype before quantizing)
+                                      compute dtype before quantizing); with quant.method gguf
+                                      baseline + dense tensors in e + the kept blocks, copied
+                                      one tensor at a time
                               train = weights + adapters + gradients + optimizer + activations
                                       + loss + transient + overhead
 
@@ -245,12 +247,19 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         parts["activations"] -= layer
         parts["recompute"] = max(0, layer - parts["loss"])
     if device == "cpu":
+        # What the loader builds in the compute dtype: the whole model, which it then quantizes; with
+        # quant.method gguf only the dense tensors (the blocks are kept, each tensor's mapping released
+        # once it is copied, models/gguf_io.py; under fsdp a rank copies only its shards).
+        kept_blocks = cfg.quant.method == "gguf"
+        built = (shapes.dense_parameters if kept_blocks else shapes.parameters) * e
         parts["allocator_slack"] = allocator_slack_bytes(
-            cfg.model.dtype, t.gradient_checkpointing, shapes.parameters * e, parts["activations"], parts["loss"],
+            cfg.model.dtype, t.gradient_checkpointing, built, parts["activations"], parts["loss"],
             activations_without_checkpointing)
         parts["framework"] = rss_base
-        held = in_layers // share + head if fsdp and cfg.quant.method == "gguf" else sum(by_format.values())
-        load = rss_base + shapes.parameters * e + held + shapes.mapped_bytes
+        if kept_blocks:
+            load = rss_base + built + parts["quantized_weights"]
+        else:
+            load = rss_base + built + sum(by_format.values()) + shapes.mapped_bytes
     else:
         parts["framework"] = CUDA_CONTEXT
         load = 0  # the model is read on the host and moved: the device sees only its final size
