@@ -17,6 +17,7 @@ model, where Gemma 3 270M's are 65 MiB next to its 262,144-row embeddings.
 The FSDP rank's saving is read against the DDP rank (same micro-batch, same activations); against
 one process it also counts the halved micro-batch.
 
+every process with OMP_NUM_THREADS=1 (torchrun's default for its ranks),
 after one unmeasured warm-up run (a GGUF's first load builds qlorakit's metadata cache), and
 `qlorakit plan` for each (--processes 2, with --fsdp for the last). The issue's bar: each
 FSDP rank below one process by at least a third of the quantized weights, and the plan within 15%.
@@ -78,7 +79,9 @@ def _measure(config_path: Path, ranks: int, peaks_dir: Path) -> list[int]:
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
                    "127.0.0.1", "--master_port", str(_free_port()), *probe]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=_env(), cwd=ROOT)
+    # torchrun gives each rank OMP_NUM_THREADS=1; the one process gets the same, so that the rows differ by
+    # the sharding alone (with 2 threads, per-thread heaps add up to 1.3 GiB to the tiny-wide peak here).
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=_env(OMP_NUM_THREADS="1"), cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"{' '.join(command)} failed: {out.stderr[-3000:]}")
     return [json.loads((peaks_dir / f"rank-{r}.json").read_text())["peak_bytes"] for r in range(ranks)]

@@ -49,7 +49,8 @@ def test_accelerate_fsdp_config_trains_sharded(tiny_model_dir, tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
     assert lines[0] == "world size: 2", lines[:3]
     assert lines[1] == "accelerate's FSDP config (ACCELERATE_USE_FSDP=true) selects train.distributed: fsdp"
-    assert lines[2].startswith("FSDP shards the model across 2 ranks: 3 units"), lines[2]
+    assert lines[2] == "FSDP shards the model across 2 ranks (train.distributed: fsdp)", lines[2]
+    assert any(line.startswith("FSDP: 3 units (2 decoder layers and the root)") for line in lines)
     assert "effective batch 2 x 1 x 2 = 4" in out.stderr
     adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 64)  # gathered whole

@@ -99,9 +99,9 @@ def test_two_fsdp_ranks_match_one_process_and_resume_after_a_kill(tiny_model_dir
     out = _train_ranks(tmp_path / "ranks.yaml")
     assert out.returncode == 0, out.stderr[-3000:]
     log = [line for line in out.stderr.splitlines() if line and not line.startswith(("*", "Setting OMP_NUM_THREADS"))]
-    assert log[0] == "world size: 2", log[:3]  # qlorakit's first line, after torchrun's banner
-    sharding = [line for line in log if line.startswith("FSDP shards the model across 2 ranks: 3 units (2 decoder layers")]
-    assert sharding and log.index(sharding[0]) < next(i for i, line in enumerate(log) if line.startswith("training ")), log
+    assert log[:2] == ["world size: 2", "FSDP shards the model across 2 ranks (train.distributed: fsdp)"], log[:3]
+    units = [line for line in log if line.startswith("FSDP: 3 units (2 decoder layers and the root)")]
+    assert units and log.index(units[0]) < next(i for i, line in enumerate(log) if line.startswith("training ")), log
     assert "effective batch 2 x 2 x 2 = 8" in out.stderr
     assert len((tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()) == 6  # rank 0 alone writes
 
@@ -160,7 +160,7 @@ def test_smollm2_nf4_under_fsdp_trains_one_process_adapter_that_vanilla_peft_ans
     save_config(config("ranks", 1), tmp_path / "ranks.yaml")
     out = _train_ranks(tmp_path / "ranks.yaml")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "FSDP shards the model across 2 ranks: 31 units (30 decoder layers and the root)" in out.stderr
+    assert "FSDP: 31 units (30 decoder layers and the root)" in out.stderr
     step3 = [load_file(tmp_path / n / "checkpoints" / "step-3" / "adapter_model.safetensors") for n in ("single", "ranks")]
     assert step3[0].keys() == step3[1].keys() and len(step3[0]) == 420
     # After 3 steps (loss 0.54). lora_A's gradient is exactly 0 at step 1 (B = 0) and tiny at step 2, where

@@ -190,6 +190,8 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
         _log(f"world size: {world.size}")
         if chosen_by:
             _log(chosen_by)
+        _log(f"FSDP shards the model across {world.size} ranks (train.distributed: fsdp)" if sharded
+             else "data parallel: every rank holds the whole model (train.distributed: ddp)")
     if sharded and keep_dense_weights:
         raise ValueError("train.distributed: fsdp shards the 4-bit base; keeping every layer's dense weight "
                          "(keep_dense_weights) would gather it whole on every rank")
@@ -241,11 +243,8 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
     if sharded:
         units = fsdp.shard_model(model, world.size, device)
         if world.is_main:
-            _log(f"FSDP shards the model across {world.size} ranks: {units} units ({units - 1} decoder layers and the "
-                 f"root); their 4-bit storage, adapters, gradients and optimizer state split {world.size} ways, the frozen "
-                 f"embeddings, final norm and head whole on every rank")
-    elif world.size > 1 and world.is_main:
-        _log(f"data parallel: every rank holds the whole model (train.distributed: ddp)")
+            _log(f"FSDP: {units} units ({units - 1} decoder layers and the root); their 4-bit storage, adapters, gradients "
+                 f"and optimizer state split {world.size} ways, the frozen embeddings, final norm and head whole on every rank")
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
     pad_id = pad_token_id(tokenizer)
     stream = BatchStream(train_rows, t.batch_size, t.seed, d.packing, pad_id, world)
