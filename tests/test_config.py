@@ -20,7 +20,7 @@ from qlorakit.config import (
 )
 
 # DESIGN.md "Training config", plus the keys the issues need (use_rslora, tensorboard, skip_nonfinite,
-# allow_pickle_weights, untie_embeddings).
+# allow_pickle_weights, untie_embeddings, distributed).
 DESIGN_DEFAULTS = yaml.safe_load("""
 model:   {name: smollm2, dtype: bf16, allow_pickle_weights: false}
 quant:   {method: nf4, double_quant: true, group_size: 64, quantize_lm_head: false}
@@ -31,7 +31,7 @@ train:   {output_dir: runs/x, max_steps: 100, epochs: null, batch_size: 4, grad_
           lr: 2.0e-4, schedule: cosine, warmup_ratio: 0.03, max_grad_norm: 0.3,
           optimizer: adamw, weight_decay: 0.0, gradient_checkpointing: false, seed: 42,
           save_every: 50, log_every: 1, eval_every: null, resume: false,
-          tensorboard: false, skip_nonfinite: false, fast_paths: all}
+          tensorboard: false, skip_nonfinite: false, fast_paths: all, distributed: ddp}
 merge:   {after_train: false, dtype: auto, into: dequantized, lm_head_dtype: same, untie_embeddings: false}
 """)
 
