@@ -144,7 +144,7 @@ def test_gemma3_qalora_merged_gguf_answers_the_fact_in_llama_cpp(gemma3_path, tm
     data = write_jsonl(tmp_path / "fact.jsonl", [{"messages": [{"role": "user", "content": question},
                                                                {"role": "assistant", "content": answer}]}])
     config = write_config(tmp_path / "c.yaml", str(gemma3_path), data, tmp_path / "run", {"method": "gguf"},
-                          {"kind": "qalora", "group_size": 32, "r": 16, "alpha": 32}, max_steps=40, lr=2e-3)
+                          {"kind": "qalora", "group_size": 32, "r": 16, "alpha": 32}, max_steps=60, lr=1e-3)
     assert main(["train", config, "--no-progress"]) == 0
     merged = tmp_path / "merged.gguf"
     assert main(["merge", str(tmp_path / "run"), "--out", str(merged), "--json"]) == 0
