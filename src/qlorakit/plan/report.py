@@ -47,7 +47,8 @@ def plan_config(cfg: Config, gpu_memory: int | None = None, processes: int = 1, 
     if gpu_memory is not None:
         plan.fits = plan.peak_bytes <= gpu_memory
     plan.advice = advise(cfg, shapes, plan) if plan.fits is False or gpu_memory is None else []
-    mode = "FSDP: weights, adapters, gradients and optimizer sharded over" if fsdp else "DDP: nothing divided over"
+    mode = ("FSDP: decoder layers' quantized weights, adapters, gradients and optimizer sharded, 16-bit weights whole, over"
+            if fsdp else "DDP: nothing divided over")
     plan.assumptions = [
         f"every row fills data.max_length={cfg.data.max_length} (padding to the longest row of a batch)",
         f"{mode} {processes} process(es); per-device micro-batch train.batch_size={cfg.train.batch_size}",
@@ -86,7 +87,7 @@ _LABELS = {
     "quantized_weights": "quantized weights", "dense_weights": "16-bit weights (embeddings, norms, head)",
     "adapters": "adapters (fp32)", "gradients": "adapter gradients (fp32)", "optimizer": "optimizer states",
     "activations": "activations", "loss": "logits + cross-entropy", "transient": "dequantized weight + grad buffers",
-    "recompute": "layer rebuilt in backward (beyond loss)",
+    "recompute": "layer rebuilt in backward (beyond loss)", "gathered_layers": "decoder layers gathered by FSDP (2)",
     "allocator_slack": "allocator slack (calibrated)", "framework": "framework (torch, transformers, tokenizer)",
 }
 
