@@ -49,11 +49,11 @@ def shard_model(model: nn.Module, world_size: int, device: str | torch.device) -
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    layers = decoder_layers(model)  # first: a model without decoder layers is refused unchanged
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.store_as_parameter()
     mesh = init_device_mesh(torch.device(device).type, (world_size,))
-    layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
