@@ -82,10 +82,6 @@ def _train_ranks(config_path: Path, *overrides: str, kill_after: Path | None = N
     return None
 
 
-def _max_difference(ours: dict, theirs: dict) -> float:
-    return max(float((ours[k] - theirs[k]).abs().max()) for k in theirs)
-
-
 @pytest.mark.slow
 def test_two_fsdp_ranks_match_one_process_and_resume_after_a_kill(tiny_model_dir, qa_rows, tmp_path):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)

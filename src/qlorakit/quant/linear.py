@@ -211,7 +211,7 @@ def _views_of(storage: Tensor, layout: dict[str, tuple[torch.dtype, tuple[int, .
     """name -> the tensor (dtype, shape) that starts at its byte offset in a flat uint8 `storage`."""
     views = {}
     for name, (dtype, shape, offset) in layout.items():
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         views[name] = storage[offset : offset + nbytes].view(dtype).view(shape)
     return views
 
