@@ -15,7 +15,8 @@
 so a rank holds 1/N of the 4-bit base, of the adapter, of its gradients and of the optimizer
 state, plus the decoder layers gathered at a time (the one computing, the one prefetched). A
 QuantLinear's dequantize-in-backward reads the layer's parameters when its backward runs, which
-is inside its decoder layer's backward, after FSDP's pre-backward hook has gathered them (tests/train/test_fsdp.py checks the gradients).
+is inside its decoder layer's backward, after FSDP's pre-backward hook has gathered them
+(tests/train/test_fsdp.py checks the gradients).
 
 Checkpoints and the peft adapter hold full tensors: every rank takes part in gathering them
 (`full_adapter_state`, `full_optimizer_state`) and rank 0 writes; a resume gives each rank its
