@@ -1,14 +1,18 @@
 """Per-rank peak memory of FSDP training against one process, and what `qlorakit plan` predicts.
 
-    python bench/fsdp_memory.py [--model gemma3-270m] [--batch 1] [--max-length 64] [--steps 3] [--out FILE]
+    python bench/fsdp_memory.py [--model gemma3-270m] [--quant gguf] [--batch 1] [--max-length 64] [--steps 3] [--out FILE]
 
-One config (LoRA r=16 on every linear layer of the model's own GGUF blocks, quant.method gguf,
-fp32, rows of --max-length tokens) trained three ways, each process measured by bench/rank_peak.py
+One config (LoRA r=16 on every linear layer, fp32, rows of --max-length tokens; quant.method
+gguf keeps the model's own GGUF blocks, nf4 quantizes a dense checkpoint) trained three ways, each process measured by bench/rank_peak.py
 (getrusage ru_maxrss: the whole process, loading included):
 
     one process       batch 2B (the global batch of the ranks)
     2 ranks, ddp      batch B per rank: the whole model on each
     2 ranks, fsdp     batch B per rank: the decoder layers sharded
+
+--model tiny-wide-hf (with --quant nf4): the same architecture as a dense fp32 safetensors directory
+(1.5 GiB, SmolLM2's tokenizer, tied embeddings): FSDP-QLoRA from a dense checkpoint, whose nf4
+codes every rank maps from qlorakit's quantized cache (written by the warm-up run).
 
 --model tiny-wide: a random Llama GGUF written here, 24 layers of hidden 1024 / intermediate 4096 in
 Q4_K and a 1,024-token vocabulary: the quantized weights (226 MiB) dominate, as they do in a large
@@ -46,10 +50,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(model: str, data: Path, out: Path, batch_size: int, max_length: int, steps: int, distributed: str) -> dict:
+def _config(model: str, quant: str, data: Path, out: Path, batch_size: int, max_length: int, steps: int, distributed: str) -> dict:
     return {
         "model": {"name": model, "dtype": "fp32"},
-        "quant": {"method": "gguf"},
+        "quant": {"method": quant},
         "adapter": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
         "data": {"path": str(data), "max_length": max_length},
         "train": {"output_dir": str(out), "max_steps": steps, "batch_size": batch_size, "save_every": None,
@@ -68,6 +72,14 @@ def write_tiny_wide(path: Path) -> Path:
 
     types = lambda name, shape: "Q4_K" if name.startswith("blk.") else "F32"  # noqa: E731
     return write_tiny_gguf(build(tiny_config("llama", **TINY_WIDE)), path, smollm2_gguf_path(), types)
+
+
+def write_tiny_wide_hf(path: Path) -> Path:
+    """The tiny-wide architecture as a dense fp32 safetensors directory (module docstring)."""
+    from qlorakit.models.load import load_tokenizer
+    from tests.conftest import save_tiny_llama
+
+    return save_tiny_llama(path, load_tokenizer("smollm2"), tie_word_embeddings=True, **TINY_WIDE)
 
 
 def _measure(config_path: Path, ranks: int, peaks_dir: Path) -> list[int]:
@@ -98,6 +110,7 @@ def _plan(config_path: Path, processes: int, fsdp: bool) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--quant", default="gguf", choices=["gguf", "nf4", "int4"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="rows per rank")
     parser.add_argument("--max-length", type=int, default=64)
@@ -105,16 +118,18 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fsdp-memory-"))
     data = write_text_data(work / "text.jsonl")
-    model = str(write_tiny_wide(work / "tiny-wide.gguf")) if args.model == "tiny-wide" else args.model
+    model = {"tiny-wide": lambda: str(write_tiny_wide(work / "tiny-wide.gguf")),
+             "tiny-wide-hf": lambda: str(write_tiny_wide_hf(work / "tiny-wide-hf"))}.get(args.model, lambda: args.model)()
     rows = []
     b = args.batch
-    warm = work / "warm-up.yaml"  # once, unmeasured: the GGUF's metadata cache is built on a model's first load
-    warm.write_text(yaml.safe_dump(_config(model, data, work / "runs" / "warm-up", b, args.max_length, 1, "ddp"), sort_keys=False))
+    # once, unmeasured: a model's first load builds the GGUF metadata cache, or the quantized cache
+    warm = work / "warm-up.yaml"
+    warm.write_text(yaml.safe_dump(_config(model, args.quant, data, work / "runs" / "warm-up", b, args.max_length, 1, "ddp"), sort_keys=False))
     _measure(warm, 1, work / "peaks" / "warm-up")
     for name, ranks, batch, distributed in (("one process", 1, 2 * b, "ddp"), ("2 ranks ddp", 2, b, "ddp"),
                                             ("2 ranks fsdp", 2, b, "fsdp")):
         path = work / f"{name.replace(' ', '-')}.yaml"
-        path.write_text(yaml.safe_dump(_config(model, data, work / "runs" / name.replace(" ", "-"), batch,
+        path.write_text(yaml.safe_dump(_config(model, args.quant, data, work / "runs" / name.replace(" ", "-"), batch,
                                                args.max_length, args.steps, distributed), sort_keys=False))
         plan = _plan(path, ranks, distributed == "fsdp")
         peaks = _measure(path, ranks, work / "peaks" / name.replace(" ", "-"))
@@ -127,8 +142,8 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     single, ddp, fsdp = (max(row["peak_mib_per_rank"]) for row in rows)
     quantized = rows[0]["quantized_weights_mib"]
-    command = f"python bench/fsdp_memory.py --model {args.model} --batch {b} --max-length {args.max_length} --steps {args.steps}"
-    summary = {"model": args.model, "batch_per_rank": b, "max_length": args.max_length, "steps": args.steps, "rows": rows,
+    command = f"python bench/fsdp_memory.py --model {args.model} --quant {args.quant} --batch {b} --max-length {args.max_length} --steps {args.steps}"
+    summary = {"model": args.model, "quant": args.quant, "batch_per_rank": b, "max_length": args.max_length, "steps": args.steps, "rows": rows,
                "fsdp_saving_against_ddp_mib": round(ddp - fsdp, 1), "fsdp_saving_against_one_process_mib": round(single - fsdp, 1),
                "third_of_quantized_weights_mib": round(quantized / 3, 1), "command": command}
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")

@@ -50,14 +50,14 @@ def test_no_mapping_outlives_the_copy_of_its_tensor(tiny_gguf, monkeypatch):
 
 
 def test_mapped_blocks_equal_the_copies_and_are_released_with_the_model(tiny_gguf):
-    """map_gguf_blocks (train.distributed: fsdp): the kept blocks are views of the file, nothing copied
+    """map_quantized (train.distributed: fsdp): the kept blocks are views of the file, nothing copied
     until a page is used, byte for byte the copies; the mappings go with the model."""
     import gc
 
     from qlorakit.quant.linear import QuantLinear
 
     copied = load_model(str(tiny_gguf), dtype="fp32", quant="gguf", progress=False).model
-    mapped = load_model(str(tiny_gguf), dtype="fp32", quant="gguf", progress=False, map_gguf_blocks=True).model
+    mapped = load_model(str(tiny_gguf), dtype="fp32", quant="gguf", progress=False, map_quantized=True).model
     assert _mappings_of(tiny_gguf) > 0
     layers = [(n, m) for n, m in mapped.named_modules() if isinstance(m, QuantLinear)]
     assert layers

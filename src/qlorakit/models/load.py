@@ -65,15 +65,23 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     progress: bool = True,
-    map_gguf_blocks: bool = False,
+    map_quantized: bool = False,
 ) -> LoadedModel:
     """Load a causal LM in `dtype`, then quantize its linear layers with format `quant`.
 
     quant: "none", "nf4", "fp4", "int4", or "gguf" (GGUF sources only: keep each tensor's own
     block format). Returns the model in eval mode with every base parameter frozen.
-    map_gguf_blocks (quant "gguf"): the kept blocks are read-only views of the file's memory map,
-    not copies, so that a process that keeps only part of them (an FSDP rank, train/fsdp.py) reads
-    only the pages of that part.
+
+    Memory: a linear layer is quantized as soon as its weight is read, so loading holds the
+    quantized model plus one dense weight, never a dense copy of the whole model (GGUF and
+    safetensors sources; a checkpoint whose tensor names transformers converts is loaded by
+    transformers whole, and the log says so). An identical earlier quantization is read back from
+    the cache (`gguf_io.quantized_cache_path`) without reading the linear weights at all.
+
+    map_quantized: the 4-bit storage is read-only views of a file's memory map, not copies: the
+    GGUF file's own blocks (quant "gguf"), or the quantized cache (nf4, fp4, int4; written first
+    when it is missing), so that a process that keeps only part of them (an FSDP rank,
+    train/fsdp.py) reads only the pages of that part.
     """
     source = as_source(source)
     torch_dtype = to_torch_dtype(dtype)
@@ -90,41 +98,75 @@ def load_model(
                                f"(its weights kept) or none, not {quant}")
     fmt = None if prequantized is not None else format_for_config(quant, group_size, double_quant)  # already int4
     cache_path = gguf_io.quantized_cache_path(source, fmt, quantize_lm_head) if fmt is not None else None
-    cached = _read_quantized_cache(cache_path)
+    if map_quantized and fmt is not None:
+        if cache_path is None:
+            _log(f"map_quantized: {source.spec} has no local files to key a quantized cache by; "
+                 f"every process quantizes and holds the whole {fmt.name} model")
+        elif not cache_path.is_file():
+            _write_quantized_cache(source, torch_dtype, fmt, cache_path, quantize_lm_head, trust_remote_code, progress)
+            if not cache_path.is_file():
+                _log(f"map_quantized: could not write the quantized cache {cache_path}; "
+                     f"every process quantizes and holds the whole {fmt.name} model")
+    cached = _read_quantized_cache(cache_path, mapped=map_quantized)
+    quantize_on_read = fmt if fmt is not None and cached is None and not quantize_lm_head else None
     if source.kind == "gguf":
         # Layers whose codes are cached are never dequantized from the file (they stay on meta).
-        model = _load_gguf(source, torch_dtype, progress, keep_blocks=quant == "gguf", skip=_cached_modules(cached),
-                           map_blocks=map_gguf_blocks)
+        model = _load_gguf(source, torch_dtype, progress, keep_blocks=quant == "gguf", skip=set(cached or ()),
+                           map_blocks=map_quantized, quantize=quantize_on_read)
     elif prequantized is not None:
         model = load_int4_checkpoint(source, torch_dtype, progress, dequantize=quant == "none", group_size=group_size)
     else:
-        model = _load_hf(source, torch_dtype, trust_remote_code)
+        model = _load_hf(source, torch_dtype, trust_remote_code, skip=set(cached or ()), quantize=quantize_on_read, progress=progress)
     model.requires_grad_(False)
     if fmt is not None:
-        _quantize_cached(model, fmt, cache_path, cached, torch_dtype, quantize_lm_head, progress)
+        _quantize_cached(model, fmt, cache_path, cached, torch_dtype, quantize_lm_head, progress, keep_packed=map_quantized)
     model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, source)
 
 
-def _read_quantized_cache(path) -> dict[str, torch.Tensor] | None:
-    """The codes of an earlier identical quantization (`quantized_tensors`), or None."""
-    from safetensors.torch import load_file
+def _log(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+def _write_quantized_cache(source: ModelSource, dtype: torch.dtype, fmt, path, quantize_lm_head: bool,
+                           trust_remote_code: bool, progress: bool) -> None:
+    """Quantize `source` once and write the cache `load_model(map_quantized=True)` maps."""
+    if source.kind == "gguf":
+        model = _load_gguf(source, dtype, progress, keep_blocks=False, quantize=None if quantize_lm_head else fmt)
+    else:
+        model = _load_hf(source, dtype, trust_remote_code, quantize=None if quantize_lm_head else fmt, progress=progress)
+    _quantize_cached(model, fmt, path, None, dtype, quantize_lm_head, progress)
+
+
+def _read_quantized_cache(path, mapped: bool = False):
+    """module name -> (storage, layout) of an earlier identical quantization
+    (`quantize.replace.quantized_storages`), copies or memory-mapped views; or None."""
+    from safetensors import safe_open
+
+    from qlorakit.files.safetensors_read import map_tensors
+    from qlorakit.quant.replace import read_quantized_storages
 
     if path is None or not path.is_file():
         return None
     try:
-        return load_file(str(path))
+        if mapped:
+            with safe_open(str(path), framework="pt") as handle:  # views of the file's memory map
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                metadata = handle.metadata()
+        else:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata()
+            tensors = {key: view.clone() for key, view in map_tensors(path)}  # copies; each mapping goes with its view
+        return read_quantized_storages(tensors, metadata)
     except Exception:
-        return None  # a damaged cache entry is rebuilt by _quantize_cached
+        return None  # a damaged or older cache entry is rebuilt by _quantize_cached
 
 
-def _cached_modules(cached: dict[str, torch.Tensor] | None) -> set[str]:
-    """Module names that have codes in `cached` ("<module>.qweight_<tensor>" keys)."""
-    return {key.rsplit(".qweight_", 1)[0] for key in cached or {} if ".qweight_" in key}
-
-
-def _quantize_cached(model: nn.Module, fmt, path, cached, dtype: torch.dtype, quantize_lm_head: bool, progress: bool) -> None:
+def _quantize_cached(model: nn.Module, fmt, path, cached, dtype: torch.dtype, quantize_lm_head: bool, progress: bool,
+                     keep_packed: bool = False) -> None:
     """Quantize the linear layers, reusing the codes of an earlier identical quantization.
 
     Quantizing SmolLM2's 106M linear weights to nf4 takes ~10 s on 2 cores; the result depends
@@ -133,13 +175,14 @@ def _quantize_cached(model: nn.Module, fmt, path, cached, dtype: torch.dtype, qu
     """
     from safetensors.torch import save_file
 
-    from qlorakit.quant.replace import quantize_model, quantized_tensors
+    from qlorakit.quant.replace import quantize_model, quantized_storages
 
-    quantize_model(model, fmt, dtype, quantize_lm_head, progress, cached=cached)
+    quantize_model(model, fmt, dtype, quantize_lm_head, progress, cached=cached, keep_packed=keep_packed)
     if path is not None and cached is None:
         try:
             with staged_file(path) as tmp:
-                save_file(quantized_tensors(model), str(tmp))
+                tensors, metadata = quantized_storages(model)
+                save_file(tensors, str(tmp), metadata=metadata)
         except Exception:  # an unwritable cache only costs time; the model is already quantized
             pass
 
@@ -160,13 +203,20 @@ def _check_safetensors(source: ModelSource) -> None:
             raise ModelSourceError(f"{path}: not a readable safetensors file, truncated or corrupted ({first_line})") from None
 
 
-def _load_hf(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def _load_hf(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool, skip: set[str] = frozenset(),
+             quantize=None, progress: bool = True) -> nn.Module:
+    """A model from an HF directory or hub id. `skip` and `quantize` as in `_load_safetensors_dir`
+    (a pickle checkpoint is read whole; quantize_model quantizes it afterwards)."""
     from transformers import AutoModelForCausalLM
 
     if source.pickle_weights:
         return _load_pickle_weights(source, dtype, trust_remote_code)
     if source.kind == "hf_dir":
         _check_safetensors(source)
+        if not trust_remote_code:
+            model = _load_safetensors_dir(source, dtype, skip, quantize, progress)
+            if model is not None:
+                return model
     try:
         return AutoModelForCausalLM.from_pretrained(
             source.location, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -177,6 +227,68 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -
     except ValueError as error:
         raise_if_remote_code(error, source)
         raise
+
+
+def _load_safetensors_dir(source: ModelSource, dtype: torch.dtype, skip: set[str], quantize, progress: bool) -> nn.Module | None:
+    """The model of an HF directory read tensor by tensor from its safetensors files into the
+    architecture's skeleton, or None (with a log line) where transformers must load it instead:
+    tensor names that are not the model's own (transformers renames them while loading) or
+    modules it keeps in fp32.
+
+    skip: linear layers whose weight is not read (their codes come from the quantized cache).
+    quantize: a QuantFormat: every linear layer (the head excepted) is quantized as soon as its
+    weight is read, so the dense model never exists whole.
+    """
+    from pathlib import Path
+
+    from qlorakit.files.safetensors_read import map_tensors, tensor_names
+
+    model = build_skeleton(load_config(source), dtype, device="meta")
+    files = sorted(Path(source.location).glob("*.safetensors"))
+    keys = {name for path in files for name in tensor_names(path)}
+    own = {name for name, _ in model.named_parameters(remove_duplicate=False)} | set(dict(model.named_buffers()))
+    foreign = sorted(keys - own)
+    if foreign or getattr(model, "_keep_in_fp32_modules", None):
+        why = f"tensor {foreign[0]} is not one of the model's own names" if foreign else "the model keeps modules in fp32"
+        _log(f"{source.spec}: loaded by transformers, whole model in memory before quantizing ({why})")
+        return None
+    linear_names = set(linear_layer_names(model))
+    wanted = {key for key in keys if not (key.endswith(".weight") and key.removesuffix(".weight") in skip)}
+    state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, tuple[object, object]] = {}
+    bar = tqdm(total=len(wanted), desc=f"reading {source.name}", unit="tensor", disable=not progress, leave=False)
+    for path in files:
+        for key, tensor in map_tensors(path, wanted):  # a view of its own mapping: a dropped weight leaves nothing resident
+            bar.update()
+            module_name, _, leaf = key.rpartition(".")
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)  # a copy where the file's dtype differs; else the view, read as it is used
+            if quantize is not None and leaf == "weight" and module_name in linear_names:
+                if type(model.get_submodule(module_name)).__name__ == "Conv1D":
+                    tensor = tensor.t()  # GPT-2's Conv1D stores (in, out)
+                quantized[module_name] = (quantize.quantize(tensor), quantize)
+                continue
+            state[key] = tensor
+    bar.close()
+    _place_quantized(model, quantized, state, dtype)
+    model = materialise(model, state, source, left_on_meta={f"{name}.weight" for name in skip})
+    if (Path(source.location) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(source.location)
+    return model
+
+
+def _place_quantized(model: nn.Module, quantized: dict[str, tuple[object, object]], state: dict[str, torch.Tensor],
+                     dtype: torch.dtype) -> None:
+    """Put a QuantLinear over each (QuantizedWeight, format) of `quantized` in place of its module
+    (still on the meta device); a bias stays in `state`, from which materialise fills it."""
+    from qlorakit.quant.linear import QuantLinear
+    from qlorakit.quant.replace import set_submodule
+
+    for module_name, (qweight, fmt) in quantized.items():
+        layout = "conv1d" if type(model.get_submodule(module_name)).__name__ == "Conv1D" else "linear"
+        set_submodule(model, module_name, QuantLinear(qweight, fmt, state.get(f"{module_name}.bias"), dtype, layout))
 
 
 def _load_pickle_weights(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
@@ -212,7 +324,7 @@ def _load_pickle_weights(source: ModelSource, dtype: torch.dtype, trust_remote_c
 
 
 def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blocks: bool,
-               skip: set[str] = frozenset(), map_blocks: bool = False) -> nn.Module:
+               skip: set[str] = frozenset(), map_blocks: bool = False, quantize=None) -> nn.Module:
     """Build the architecture from the GGUF metadata and fill it from the file's tensors.
 
     keep_blocks: linear layers become QuantLinear layers over the file's own bytes, in the
@@ -222,11 +334,11 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
     (embeddings, norms, an untied output head), the tensor is dequantized to `dtype`.
     skip: linear layers whose weight is left on the meta device, unread (a bias is still read);
     the caller replaces them (cached quantized codes need only the weight's shape).
+    quantize (without keep_blocks): a QuantFormat every linear layer (the head excepted) is
+    quantized to as soon as its weight is dequantized, so the dense model never exists whole.
     """
     from qlorakit.quant.gguf_types import DENSE_GGML_TYPES, GGML_TYPE_TO_FORMAT
-    from qlorakit.quant.linear import QuantLinear
     from qlorakit.quant.registry import format_class
-    from qlorakit.quant.replace import set_submodule
 
     config = load_config(source)
     if config.model_type not in gguf_io.SUPPORTED_ARCHITECTURES:
@@ -236,7 +348,7 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
     linear_names = set(linear_layer_names(model))
     tensors = gguf_io.tensor_index(source.location)
     state: dict[str, torch.Tensor] = {}
-    kept: dict[str, object] = {}  # module name -> QuantizedWeight over the file's bytes
+    kept: dict[str, tuple[object, object]] = {}  # module name -> (QuantizedWeight, its format)
     for tensor in tqdm(tensors, desc="reading GGUF", unit="tensor", disable=not progress, leave=False):
         hf_name = names.get(tensor.name)
         if hf_name is None:
@@ -253,7 +365,7 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
             qweight = gguf_io.block_weight(source.location, tensor, copy=not map_blocks)
             if heads is not None:
                 qweight.tensors["blocks"] = gguf_io.unpermute_qk_rows(qweight.tensors["blocks"], heads).contiguous()
-            kept[module_name] = qweight
+            kept[module_name] = (qweight, format_class(qweight.format)())
             continue
         weight = gguf_io.dense_tensor(source.location, tensor)
         if heads is not None:
@@ -261,8 +373,10 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: bool, keep_blo
         offset = gguf_io.stored_norm_offset(hf_name, config)
         if offset:
             weight = weight - offset  # in fp32, as transformers' GGUF loader does
-        state[hf_name] = weight.to(dtype)
-    for module_name, qweight in kept.items():
-        bias = state.get(f"{module_name}.bias")  # left in `state`: materialise fills the QuantLinear's bias from it
-        set_submodule(model, module_name, QuantLinear(qweight, format_class(qweight.format)(), bias, dtype))
+        weight = weight.to(dtype)
+        if quantize is not None and module_name in linear_names and hf_name.endswith(".weight"):
+            kept[module_name] = (quantize.quantize(weight), quantize)
+            continue
+        state[hf_name] = weight
+    _place_quantized(model, kept, state, dtype)
     return materialise(model, state, source, left_on_meta={f"{name}.weight" for name in skip})

@@ -114,7 +114,7 @@ class QuantLinear(nn.Module):
         self.compute_dtype = compute_dtype
         self.source_layout = source_layout
         self._tensor_names = list(qweight.tensors)
-        self._storage_layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]] | None = None  # see store_as_parameter
+        self._storage_layout: StorageLayout | None = None  # see store_as_parameter
         for name, tensor in qweight.tensors.items():
             self.register_buffer(f"qweight_{name}", tensor)
         if bias is not None:
@@ -136,7 +136,7 @@ class QuantLinear(nn.Module):
         if self._storage_layout is None:
             tensors = {name: getattr(self, f"qweight_{name}") for name in self._tensor_names}
         else:
-            tensors = _views_of(self.qweight_storage, self._storage_layout)
+            tensors = unpack_storage(self.qweight_storage, self._storage_layout)
         return QuantizedWeight(self.fmt.name, (self.out_features, self.in_features), self.group_size, tensors, self.options)
 
     @property
@@ -149,24 +149,24 @@ class QuantLinear(nn.Module):
     def stores_as_parameter(self) -> bool:
         return self._storage_layout is not None
 
-    def store_as_parameter(self) -> None:
+    def store_as_parameter(self, packed: tuple[Tensor, StorageLayout] | None = None) -> None:
         """Move the stored tensors into the one frozen uint8 parameter `qweight_storage` (module
-        docstring); the values, and every result computed from them, stay the same."""
+        docstring); the values, and every result computed from them, stay the same.
+
+        packed: (storage, layout) of `pack_storage` that already holds exactly this layer's tensors
+        (a quantized cache read as a memory map, models/load.py): it becomes the parameter as it is,
+        nothing copied, so FSDP later reads only the pages of each rank's shard.
+        """
         if self._storage_layout is not None:
             return
         tensors = {name: self._buffers.pop(f"qweight_{name}") for name in self._tensor_names}
-        layout, offset, end = {}, 0, 0
-        for name, tensor in tensors.items():
-            layout[name] = (tensor.dtype, tuple(tensor.shape), offset)
-            end = offset + tensor.numel() * tensor.element_size()
-            offset = -(-end // STORAGE_ALIGNMENT) * STORAGE_ALIGNMENT
-        only = next(iter(tensors.values()))
-        if len(tensors) == 1 and only.dtype == torch.uint8 and only.is_contiguous():
-            storage = only.view(-1)  # GGUF blocks: the bytes as they are (a memory map stays one)
+        if packed is None:
+            storage, layout = pack_storage(tensors)
         else:
-            storage = torch.zeros(end, dtype=torch.uint8, device=only.device)  # (Σ aligned bytes,)
-            for name, view in _views_of(storage, layout).items():
-                view.copy_(tensors[name])
+            storage, layout = packed
+            shapes = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()}
+            if {name: (dtype, shape) for name, (dtype, shape, _) in layout.items()} != shapes:
+                raise ValueError(f"store_as_parameter: the packed layout {layout} does not hold this layer's tensors {shapes}")
         self._storage_layout = layout
         self.qweight_storage = nn.Parameter(storage, requires_grad=False)
 
@@ -207,8 +207,30 @@ class QuantLinear(nn.Module):
         )
 
 
-def _views_of(storage: Tensor, layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]]) -> dict[str, Tensor]:
-    """name -> the tensor (dtype, shape) that starts at its byte offset in a flat uint8 `storage`."""
+StorageLayout = dict[str, tuple[torch.dtype, tuple[int, ...], int]]  # name -> (dtype, shape, byte offset)
+
+
+def pack_storage(tensors: dict[str, Tensor]) -> tuple[Tensor, StorageLayout]:
+    """The tensors of a QuantizedWeight as one flat uint8 tensor and where each one starts in it
+    (module docstring). A single contiguous uint8 tensor (GGUF blocks) is taken as it is, without a
+    copy, so a memory map stays one."""
+    layout, offset, end = {}, 0, 0
+    for name, tensor in tensors.items():
+        layout[name] = (tensor.dtype, tuple(tensor.shape), offset)
+        end = offset + tensor.numel() * tensor.element_size()
+        offset = -(-end // STORAGE_ALIGNMENT) * STORAGE_ALIGNMENT
+    only = next(iter(tensors.values()))
+    if len(tensors) == 1 and only.dtype == torch.uint8 and only.is_contiguous():
+        return only.view(-1), layout  # (Σ bytes,)
+    storage = torch.zeros(end, dtype=torch.uint8, device=only.device)  # (Σ aligned bytes,)
+    for name, view in unpack_storage(storage, layout).items():
+        view.copy_(tensors[name])
+    return storage, layout
+
+
+def unpack_storage(storage: Tensor, layout: StorageLayout) -> dict[str, Tensor]:
+    """name -> the tensor (dtype, shape) that starts at its byte offset in a flat uint8 `storage`
+    (views, no copies)."""
     views = {}
     for name, (dtype, shape, offset) in layout.items():
         nbytes = math.prod(shape) * dtype.itemsize

@@ -7,13 +7,15 @@ embeddings cannot be quantized without untying it, so that request is refused.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from qlorakit.quant.base import QuantFormat
 from qlorakit.quant.base import QuantizedWeight
-from qlorakit.quant.linear import QuantLinear, dense_weight_of, linear_shape
+from qlorakit.quant.linear import QuantLinear, StorageLayout, dense_weight_of, linear_shape, pack_storage, unpack_storage
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -46,12 +48,16 @@ def quantize_model(
     compute_dtype: torch.dtype = torch.bfloat16,
     quantize_lm_head: bool = False,
     progress: bool = True,
-    cached: dict[str, "torch.Tensor"] | None = None,
+    cached: dict[str, tuple[torch.Tensor, StorageLayout]] | None = None,
+    keep_packed: bool = False,
 ) -> list[str]:
     """Replace linear layers with QuantLinear in place; returns the names replaced.
 
-    cached: `quantized_tensors(model)` of an earlier identical quantization (same weights,
-    format and options); layers found there are rebuilt from it instead of quantized again.
+    cached: module name -> (storage, layout) of an earlier identical quantization (same weights,
+    format and options; `quantized_storages`, `read_quantized_storages`); layers found there are
+    rebuilt from it instead of quantized again, their tensors views of `storage`.
+    keep_packed: a cached layer keeps `storage` itself as its flat parameter
+    (`QuantLinear.store_as_parameter`), e.g. a memory map that FSDP shards without reading it whole.
 
     Raises:
         ValueError: `quantize_lm_head` on a model whose head is tied to its embeddings.
@@ -64,22 +70,48 @@ def quantize_model(
     names = [n for n in linear_layer_names(model, include_head=quantize_lm_head) if not isinstance(model.get_submodule(n), QuantLinear)]
     for name in tqdm(names, desc=f"quantizing to {fmt.name}", unit="layer", disable=not progress, leave=False):
         dense = model.get_submodule(name)
-        prefix = f"{name}.qweight_"
-        stored = {k[len(prefix):]: v for k, v in (cached or {}).items() if k.startswith(prefix)}
-        if stored:
-            weight, layout = dense_weight_of(dense)
-            qweight = QuantizedWeight(fmt.name, tuple(weight.shape), fmt.group_size, stored, fmt.options())
-            set_submodule(model, name, QuantLinear(qweight, fmt, dense.bias, compute_dtype, layout))
+        packed = (cached or {}).get(name)
+        if packed is not None:
+            weight, layout = dense_weight_of(dense)  # (out, in), possibly on the meta device: only its shape is read
+            qweight = QuantizedWeight(fmt.name, tuple(weight.shape), fmt.group_size, unpack_storage(*packed), fmt.options())
+            layer = QuantLinear(qweight, fmt, dense.bias, compute_dtype, layout)
+            if keep_packed:
+                layer.store_as_parameter(packed)
         else:
-            set_submodule(model, name, QuantLinear.from_dense(dense, fmt, compute_dtype))
+            layer = QuantLinear.from_dense(dense, fmt, compute_dtype)
+        set_submodule(model, name, layer)
     return names
 
 
-def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every QuantLinear's stored tensors by "<module>.qweight_<tensor>" (what `cached` takes)."""
-    out = {}
+LAYOUT_METADATA_KEY = "qlorakit.storage_layouts"  # safetensors metadata: {module: {tensor: [dtype, shape, offset]}}
+
+
+def quantized_storages(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every QuantLinear's tensors packed into one flat uint8 tensor ("<module>.qweight_storage",
+    `pack_storage`), and their layouts as safetensors metadata: what `read_quantized_storages`
+    reads back, as copies or as a memory map."""
+    tensors, layouts = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            for key, tensor in module.qweight.tensors.items():
-                out[f"{name}.qweight_{key}"] = tensor.detach().clone()  # safetensors refuses shared storage
+            stored = module.qweight.tensors
+            storage, layout = pack_storage({k: v.detach() for k, v in stored.items()})
+            shared = len(stored) == 1  # pack_storage took the one uint8 tensor as it is: safetensors refuses shared storage
+            tensors[f"{name}.qweight_storage"] = storage.clone() if shared else storage
+            layouts[name] = {k: [str(dtype).removeprefix("torch."), list(shape), offset] for k, (dtype, shape, offset) in layout.items()}
+    return tensors, {LAYOUT_METADATA_KEY: json.dumps(layouts)}
+
+
+def read_quantized_storages(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, tuple[torch.Tensor, StorageLayout]]:
+    """module name -> (storage, layout), from what `quantized_storages` wrote.
+
+    Raises:
+        ValueError: the layouts are missing or do not match the tensors.
+    """
+    layouts = json.loads((metadata or {})[LAYOUT_METADATA_KEY])
+    out = {}
+    for name, entries in layouts.items():
+        storage = tensors[f"{name}.qweight_storage"]
+        layout = {k: (getattr(torch, dtype), tuple(shape), offset) for k, (dtype, shape, offset) in entries.items()}
+        unpack_storage(storage, layout)  # raises on a storage too short for its layout
+        out[name] = (storage, layout)
     return out

@@ -214,12 +214,16 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
 
     # 2. The model: quantized base, frozen, with adapters in fp32.
     torch.manual_seed(t.seed)
+    if sharded and not world.is_main:
+        world.barrier()  # fsdp: rank 0 loads first, writing the quantized cache every rank then maps
     loaded = load_model(
         source, dtype=cfg.model.dtype, quant=cfg.quant.method, group_size=cfg.quant.group_size,
         double_quant=cfg.quant.double_quant, quantize_lm_head=cfg.quant.quantize_lm_head,
         device="cpu" if sharded else device, progress=progress,  # fsdp: each rank moves only its shards to `device`
-        map_gguf_blocks=sharded,  # fsdp: a rank copies only its shards out of the file (train/fsdp.py)
+        map_quantized=sharded,  # fsdp: a rank copies only its shards out of the file it maps (train/fsdp.py)
     )
+    if sharded and world.is_main:
+        world.barrier()
     model = loaded.model
     torch.manual_seed(t.seed)
     targets = cfg.adapter.targets
