@@ -36,11 +36,10 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
                  RETAINED_FRACTION of the dense model's bytes (RETAINED_FRACTION_CHECKPOINTING
                  with checkpointing); CUDA: the CUDA context and caching-allocator reserve.
 
-    peak = max(load, train):  load  = baseline + dense model in e + quantized weights + a GGUF
-                                      source's memory map (CPU only: the model is read in the
-                                      compute dtype before quantizing); with quant.method gguf
-                                      baseline + dense tensors in e + the kept blocks, copied
-                                      one tensor at a time
+    peak = max(load, train):  load  = baseline + dense tensors in e + one linear weight in e
+                                      (quantized as it is read) + quantized weights (CPU only);
+                                      with quant.method gguf baseline + dense tensors in e + the
+                                      kept blocks, copied one tensor at a time
                               train = weights + adapters + gradients + optimizer + activations
                                       + loss + transient + overhead
 
@@ -52,8 +51,8 @@ the dense weights (embeddings, final norm, head) stay whole on every rank. It ad
     gathered     the decoder layers FSDP has gathered at once: the one computing and the one it
                  prefetches, each Q_layers/L + adapters/L in full (part `gathered_layers`)
 
-and on the CPU a GGUF source read under fsdp keeps its blocks as the file's memory map until FSDP
-copies a rank's shards out of it: the load holds Q/P of the blocks (quant.method gguf).
+and on the CPU a rank reads its 4-bit base as a memory map (the GGUF file's blocks, or the quantized
+cache) until FSDP copies its shards out of it: the load holds Q/P of the quantized weights.
 """
 
 from __future__ import annotations
@@ -247,19 +246,19 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         parts["activations"] -= layer
         parts["recompute"] = max(0, layer - parts["loss"])
     if device == "cpu":
-        # What the loader builds in the compute dtype: the whole model, which it then quantizes; with
-        # quant.method gguf only the dense tensors (the blocks are kept, each tensor's mapping released
-        # once it is copied, models/gguf_io.py; under fsdp a rank copies only its shards).
+        # What the loader builds in the compute dtype: the tensors that stay dense (embeddings, norms,
+        # head; every weight with quant.method none) and one linear weight in flight, quantized as
+        # soon as it is read (models/load.py); quant.method gguf keeps the file's blocks instead,
+        # each tensor's mapping released once it is copied (models/gguf_io.py). The quantized codes
+        # are held once, and under fsdp a rank copies only its shards out of a memory map.
         kept_blocks = cfg.quant.method == "gguf"
-        built = (shapes.dense_parameters if kept_blocks else shapes.parameters) * e
+        in_flight = 0 if kept_blocks or cfg.quant.method == "none" else max((i * o for i, o in shapes.lora), default=0)
+        built = (shapes.dense_parameters + in_flight) * e
         parts["allocator_slack"] = allocator_slack_bytes(
             cfg.model.dtype, t.gradient_checkpointing, built, parts["activations"], parts["loss"],
             activations_without_checkpointing)
         parts["framework"] = rss_base
-        if kept_blocks:
-            load = rss_base + built + parts["quantized_weights"]
-        else:
-            load = rss_base + built + sum(by_format.values()) + shapes.mapped_bytes
+        load = rss_base + built + parts["quantized_weights"]
     else:
         parts["framework"] = CUDA_CONTEXT
         load = 0  # the model is read on the host and moved: the device sees only its final size

@@ -177,8 +177,9 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
     started = time.perf_counter()
     t = cfg.train
     run_dir = Path(t.output_dir)
-    world = init_world()
+    # The allocator settings first: glibc's mallopt is set before the process group starts gloo's threads.
     fast = run_scope.enter_context(process_fast_paths(t.fast_paths, dtype=cfg.model.dtype, gradient_checkpointing=t.gradient_checkpointing))
+    world = init_world()
     device = device or (f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     progress = progress and world.is_main
     if world.is_main and not matmul_is_native(cfg.model.dtype, device):
