@@ -368,7 +368,7 @@ def type_breakdown(path: str | os.PathLike) -> list[dict]:
     return sorted(totals.values(), key=lambda e: -e["bytes"])
 
 
-QUANT_CACHE_VERSION = 1  # bump when a format's quantize() output changes
+QUANT_CACHE_VERSION = 2  # bump when a format's quantize() output or the file layout (quant/replace.py quantized_storages) changes
 
 
 def quantized_cache_path(source, fmt, quantize_lm_head: bool) -> Path | None:
