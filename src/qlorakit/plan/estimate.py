@@ -254,8 +254,11 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         kept_blocks = cfg.quant.method == "gguf"
         in_flight = 0 if kept_blocks or cfg.quant.method == "none" else max((i * o for i, o in shapes.lora), default=0)
         built = (shapes.dense_parameters + in_flight) * e
+        # The slack is fitted to the model's size in the compute dtype (bench/plan_accuracy.py): a
+        # fit, not the load's leftovers, so it stays proportional to every parameter, as calibrated.
+        model_bytes = (shapes.dense_parameters if kept_blocks else shapes.parameters) * e
         parts["allocator_slack"] = allocator_slack_bytes(
-            cfg.model.dtype, t.gradient_checkpointing, built, parts["activations"], parts["loss"],
+            cfg.model.dtype, t.gradient_checkpointing, model_bytes, parts["activations"], parts["loss"],
             activations_without_checkpointing)
         parts["framework"] = rss_base
         load = rss_base + built + parts["quantized_weights"]
