@@ -81,14 +81,25 @@ def unpack_codes(blocks: Tensor, layout: BlockLayout, out: Tensor | None = None)
     """
     # Contiguous copies first: elementwise ops over 16 of every 18-22 bytes are ~3x slower strided (CPU, measured).
     qs = blocks[..., layout.qs : layout.qs + 16].contiguous()  # (..., 16)
-    lo, hi = qs & 0x0F, qs >> 4  # (..., 16) each: values 0..15 and 16..31
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # (..., 32) uint8: values 0..15 (first half) and 16..31
     if layout.qh is not None:
-        qh = blocks[..., layout.qh : layout.qh + 4].contiguous()  # (..., 4): little-endian uint32
-        # one scalar shift per bit, stacked: a broadcast tensor of shifts is several times slower on the CPU
-        high = (torch.stack([(qh >> bit) & 1 for bit in range(8)], dim=-1) << 4).flatten(-2)  # (..., 4, 8) -> (..., 32): bit 8k+b
-        lo, hi = lo | high[..., :16], hi | high[..., 16:]
-    codes = torch.cat([lo, hi], dim=-1)  # (..., 32) uint8
+        qh = blocks[..., layout.qh : layout.qh + 4].contiguous()  # (..., 4): little-endian uint32, bit 8k+b for code 8k+b
+        # Each qh byte's 8 bits as 8 bytes of 0 or 16, by table: 2x faster on the CPU than 8 shifts stacked.
+        high = torch.index_select(_high_bit_table(qh.device), 0, qh.view(-1).long())  # (... * 4, 8)
+        codes.bitwise_or_(high.view(codes.shape))  # (..., 4, 8) -> (..., 32)
     return codes if out is None else out.copy_(codes)
+
+
+_HIGH_BIT_TABLES: dict[torch.device, Tensor] = {}
+
+
+def _high_bit_table(device: torch.device) -> Tensor:
+    """uint8 (256, 8): row v holds bit b of v, times 16, at column b (the fifth bit of 8 codes)."""
+    table = _HIGH_BIT_TABLES.get(device)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # (256, 8)
+        table = _HIGH_BIT_TABLES[device] = (bits << 4).to(torch.uint8).to(device)
+    return table
 
 
 def pack_codes(codes: Tensor, layout: BlockLayout) -> Tensor:
@@ -181,12 +192,13 @@ class GGUFBlockFormat(QuantFormat):
         shape = (*blocks.shape[:-1], BLOCK)  # (out, nblocks, 32)
         w = out.view(shape) if direct else torch.empty(shape, dtype=torch.float32, device=blocks.device)
         if self.layout.bits == 8:
-            w.copy_(blocks[..., 2:].view(torch.int8))
+            codes = blocks[..., 2:].view(torch.int8)  # (..., 32), signed
         else:
-            unpack_codes(blocks, self.layout, out=w)
-        if self.zero:
-            w -= self.zero  # exact: small integers
-        w *= read_f16(blocks, 0)
+            codes = unpack_codes(blocks, self.layout)  # (..., 32) uint8
+            if self.zero:
+                codes = codes.sub_(self.zero).view(torch.int8)  # q - zero, in [-16, 15]: wraps in uint8, read back signed
+        w.copy_(codes)  # exact: small integers (a mixed-dtype torch.mul(codes, d, out=w) is ~30x slower on the CPU)
+        w *= read_f16(blocks, 0)  # (..., 32) * (..., 1): one rounding, as gguf-py's
         if self.layout.m is not None:
             w += read_f16(blocks, self.layout.m)  # a separate rounding, as gguf-py (no FMA)
         return out if direct else written_to(out, w.view(q.shape).to(dtype))  # (out, in)

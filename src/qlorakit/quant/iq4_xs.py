@@ -37,7 +37,7 @@ class IQ4_XS(KQuantFormat):
     symmetric = True
 
     @classmethod
-    def dequantize_blocks(cls, blocks: Tensor) -> Tensor:
+    def dequantize_blocks(cls, blocks: Tensor, out: Tensor | None = None) -> Tensor:
         high = split_bits(blocks[..., 2:4], 2).transpose(-1, -2).flatten(-2)  # (..., 2 bytes, 4 pairs) -> (..., 8)
         low = split_bits(blocks[..., 4:8], 4).transpose(-1, -2).flatten(-2)  # (..., 4 bytes, 2 nibbles) -> (..., 8)
         scale = (low | (high << 4)).float() - 32  # (..., 8)

@@ -127,8 +127,9 @@ class KQuantFormat(QuantFormat):
                                     f"group_size must be {self.default_group_size}, got {group_size}")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: Tensor) -> Tensor:
-        """uint8 (..., bytes_per_block) -> fp32 (..., 256)."""
+    def dequantize_blocks(cls, blocks: Tensor, out: Tensor | None = None) -> Tensor:
+        """uint8 (..., bytes_per_block) -> fp32 (..., 256). A format that computes in place writes
+        into `out` (fp32 (..., 256)) when given and returns it; the others ignore it."""
         raise NotImplementedError
 
     @classmethod
@@ -171,7 +172,12 @@ class KQuantFormat(QuantFormat):
         return q.tensors["blocks"].view(q.out_features, -1, self.bytes_per_block)  # (out, nsuper, bytes)
 
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
-        w = self.dequantize_blocks(self.blocks(q))  # (out, nsuper, 256) fp32
+        blocks = self.blocks(q)  # (out, nsuper, bytes)
+        if out is not None and dtype == torch.float32:  # straight into the caller's buffer where the format can
+            target = out.view(*blocks.shape[:-1], SUPER_BLOCK)  # (out, nsuper, 256)
+            w = self.dequantize_blocks(blocks, out=target)
+            return out if w is target else written_to(out, w.view(q.shape))
+        w = self.dequantize_blocks(blocks)  # (out, nsuper, 256) fp32
         return written_to(out, w.view(q.shape).to(dtype))  # (out, in)
 
     def add_group_offset(self, q: QuantizedWeight, offset: Tensor) -> QuantizedWeight:

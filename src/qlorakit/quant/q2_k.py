@@ -26,7 +26,7 @@ class Q2_K(KQuantFormat):
     symmetric = False
 
     @classmethod
-    def dequantize_blocks(cls, blocks: Tensor) -> Tensor:
+    def dequantize_blocks(cls, blocks: Tensor, out: Tensor | None = None) -> Tensor:
         scales = blocks[..., 0:16]  # (..., 16)
         step = (read_f16(blocks, 80) * (scales & 0x0F).float()).unsqueeze(-1)  # (..., 16, 1)
         low = (read_f16(blocks, 82) * (scales >> 4).float()).unsqueeze(-1)  # (..., 16, 1)

@@ -30,7 +30,7 @@ class Q3_K(KQuantFormat):
     symmetric = True
 
     @classmethod
-    def dequantize_blocks(cls, blocks: Tensor) -> Tensor:
+    def dequantize_blocks(cls, blocks: Tensor, out: Tensor | None = None) -> Tensor:
         scale_bytes = blocks[..., 96:108]  # (..., 12)
         low_s = split_bits(scale_bytes[..., 0:8], 4).flatten(-2)  # (..., 2, 8) -> (..., 16)
         high_s = split_bits(scale_bytes[..., 8:12], 2).flatten(-2)  # (..., 4, 4) -> (..., 16)

@@ -30,10 +30,10 @@ class Q5_K(KQuantFormat):
     has_group_min = True  # through the conversion to q5_1
 
     @classmethod
-    def dequantize_blocks(cls, blocks: Tensor) -> Tensor:
+    def dequantize_blocks(cls, blocks: Tensor, out: Tensor | None = None) -> Tensor:
         low = split_bits(blocks[..., 48:176].unflatten(-1, (4, 32)), 4).flatten(-3, -2)  # (..., 4, 2, 32) -> (..., 8, 32)
         high = split_bits(blocks[..., 16:48], 1)  # (..., 8, 32)
-        return affine_k4_values(blocks, low | (high << 4))  # (..., 256)
+        return affine_k4_values(blocks, low | (high << 4), out)  # (..., 256)
 
     @classmethod
     def quantize_blocks(cls, w: Tensor) -> Tensor:
