@@ -107,7 +107,7 @@ def load_model(
             if not cache_path.is_file():
                 _log(f"map_quantized: could not write the quantized cache {cache_path}; "
                      f"every process quantizes and holds the whole {fmt.name} model")
-    cached = _read_quantized_cache(cache_path, mapped=map_quantized)
+    cached = _read_quantized_cache(cache_path)
     quantize_on_read = fmt if fmt is not None and cached is None and not quantize_lm_head else None
     if source.kind == "gguf":
         # Layers whose codes are cached are never dequantized from the file (they stay on meta).
@@ -141,9 +141,9 @@ def _write_quantized_cache(source: ModelSource, dtype: torch.dtype, fmt, path, q
     _quantize_cached(model, fmt, path, None, dtype, quantize_lm_head, progress)
 
 
-def _read_quantized_cache(path, mapped: bool = False):
+def _read_quantized_cache(path):
     """module name -> (storage, layout) of an earlier identical quantization
-    (`quantize.replace.quantized_storages`), copies or memory-mapped views; or None."""
+    (`quant.replace.quantized_storages`), each storage a view of a memory map of its own; or None."""
     from safetensors import safe_open
 
     from qlorakit.files.safetensors_read import map_tensors
@@ -152,15 +152,11 @@ def _read_quantized_cache(path, mapped: bool = False):
     if path is None or not path.is_file():
         return None
     try:
-        if mapped:
-            with safe_open(str(path), framework="pt") as handle:  # views of the file's memory map
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-                metadata = handle.metadata()
-        else:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata()
-            tensors = {key: view.clone() for key, view in map_tensors(path)}  # copies; each mapping goes with its view
-        return read_quantized_storages(tensors, metadata)
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        # Views of a memory map of their own each: quantize_model copies the tensors out of them
+        # (or keeps them, mapped) and drops each as its layer is built.
+        return read_quantized_storages(dict(map_tensors(path)), metadata)
     except Exception:
         return None  # a damaged or older cache entry is rebuilt by _quantize_cached
 

@@ -55,8 +55,10 @@ def quantize_model(
 
     cached: module name -> (storage, layout) of an earlier identical quantization (same weights,
     format and options; `quantized_storages`, `read_quantized_storages`); layers found there are
-    rebuilt from it instead of quantized again, their tensors views of `storage`.
-    keep_packed: a cached layer keeps `storage` itself as its flat parameter
+    rebuilt from it instead of quantized again, each tensor copied out of `storage` into its own
+    (code that saves a model keeps one tensor per storage, for tied weights); the entries are
+    consumed, so that each storage (a memory map) is released once its layer is built.
+    keep_packed: a cached layer keeps `storage` itself as its flat parameter, not copied
     (`QuantLinear.store_as_parameter`), e.g. a memory map that FSDP shards without reading it whole.
 
     Raises:
@@ -70,10 +72,12 @@ def quantize_model(
     names = [n for n in linear_layer_names(model, include_head=quantize_lm_head) if not isinstance(model.get_submodule(n), QuantLinear)]
     for name in tqdm(names, desc=f"quantizing to {fmt.name}", unit="layer", disable=not progress, leave=False):
         dense = model.get_submodule(name)
-        packed = (cached or {}).get(name)
+        packed = cached.pop(name, None) if cached else None
         if packed is not None:
             weight, layout = dense_weight_of(dense)  # (out, in), possibly on the meta device: only its shape is read
-            qweight = QuantizedWeight(fmt.name, tuple(weight.shape), fmt.group_size, unpack_storage(*packed), fmt.options())
+            views = unpack_storage(*packed)
+            tensors = views if keep_packed else {key: view.clone() for key, view in views.items()}
+            qweight = QuantizedWeight(fmt.name, tuple(weight.shape), fmt.group_size, tensors, fmt.options())
             layer = QuantLinear(qweight, fmt, dense.bias, compute_dtype, layout)
             if keep_packed:
                 layer.store_as_parameter(packed)
