@@ -1,15 +1,13 @@
-"""A safetensors file's tensors, each as a view of a memory map of its own.
+"""Read a safetensors file's tensors one at a time with plain reads, not through a memory map.
 
 safetensors' own `safe_open` maps the whole file once and hands out views of that one mapping:
 every page a loader touches then stays in the process's resident set as long as any tensor of
 the file is alive, so a loader that reads every linear weight to quantize it, and keeps the
-embeddings, ends with the whole file resident. Here each tensor has its own mapping, which goes
-with the tensor: a weight that is quantized and dropped leaves nothing behind, and a tensor that
-is kept is resident only in the pages that are used.
+embeddings, ends with the whole file resident. Here each tensor is read into memory of its own
+(`readinto`): a weight that is quantized and dropped leaves nothing behind, and no file handle
+or mapping stays open (a model of thousands of tensors never approaches the open-file limit).
 
     layout   u64 little-endian N | N bytes of JSON header | tensor data (files/safetensors_check.py)
-
-Mappings are copy-on-write: writing to a tensor changes the process's copy, never the file.
 """
 
 from __future__ import annotations
@@ -33,31 +31,27 @@ def tensor_names(path: str | os.PathLike) -> list[str]:
     return list(entries)
 
 
-def map_tensors(path: str | os.PathLike, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for each tensor of the file (or those in `names`), in file order, each a view
-    of a copy-on-write memory map of its own bytes (module docstring).
+def read_tensors(path: str | os.PathLike, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each tensor of the file (or those in `names`), in file order, each read
+    into memory of its own.
 
     Raises:
-        ValueError: a dtype torch has no equivalent of, naming the file and the tensor.
+        ValueError: a dtype torch has no equivalent of, or a file that ends inside a tensor,
+            naming the file and the tensor.
     """
-    import warnings
-
-    import numpy as np
-
     path = Path(path)
     data_start, entries = _header(path)
-    for name, (dtype, shape, begin, end) in entries.items():
-        if names is not None and name not in names:
-            continue
-        if dtype not in DTYPES:
-            raise ValueError(f"{path}: tensor {name}: dtype {dtype} is not one torch reads")
-        if end == begin:
-            yield name, torch.empty(shape, dtype=DTYPES[dtype])
-            continue
-        mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start + begin, shape=(end - begin,))
-        with warnings.catch_warnings():  # the array is writable (copy-on-write); torch's warning does not apply
-            warnings.simplefilter("ignore", UserWarning)
-            yield name, torch.from_numpy(mapped).view(DTYPES[dtype]).view(shape)  # (bytes,) -> shape
+    with open(path, "rb") as handle:
+        for name, (dtype, shape, begin, end) in entries.items():
+            if names is not None and name not in names:
+                continue
+            if dtype not in DTYPES:
+                raise ValueError(f"{path}: tensor {name}: dtype {dtype} is not one torch reads")
+            out = torch.empty(shape, dtype=DTYPES[dtype])
+            handle.seek(data_start + begin)
+            if end > begin and handle.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != end - begin:
+                raise ValueError(f"{path}: tensor {name}: the file ends inside its bytes")
+            yield name, out
 
 
 def _header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:

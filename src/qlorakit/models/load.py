@@ -107,7 +107,7 @@ def load_model(
             if not cache_path.is_file():
                 _log(f"map_quantized: could not write the quantized cache {cache_path}; "
                      f"every process quantizes and holds the whole {fmt.name} model")
-    cached = _read_quantized_cache(cache_path)
+    cached = _read_quantized_cache(cache_path, mapped=map_quantized)
     quantize_on_read = fmt if fmt is not None and cached is None and not quantize_lm_head else None
     if source.kind == "gguf":
         # Layers whose codes are cached are never dequantized from the file (they stay on meta).
@@ -141,24 +141,27 @@ def _write_quantized_cache(source: ModelSource, dtype: torch.dtype, fmt, path, q
     _quantize_cached(model, fmt, path, None, dtype, quantize_lm_head, progress)
 
 
-def _read_quantized_cache(path):
+def _read_quantized_cache(path, mapped: bool = False):
     """module name -> (storage, layout) of an earlier identical quantization
-    (`quant.replace.quantized_storages`), each storage a view of a memory map of its own; or None."""
+    (`quant.replace.quantized_storages`): copies, or with `mapped` views of the file's memory map,
+    which FSDP copies each rank's shards out of (a rank reads only those pages); or None."""
     from safetensors import safe_open
 
-    from qlorakit.files.safetensors_read import map_tensors
+    from qlorakit.files.safetensors_read import read_tensors
     from qlorakit.quant.replace import read_quantized_storages
 
     if path is None or not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # mapped: views of one memory map of the file
             metadata = handle.metadata()
-        # Views of a memory map of their own each: quantize_model copies the tensors out of them
-        # (or keeps them, mapped) and drops each as its layer is built.
-        return read_quantized_storages(dict(map_tensors(path)), metadata)
-    except Exception:
-        return None  # a damaged or older cache entry is rebuilt by _quantize_cached
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if mapped else None
+        if tensors is None:
+            tensors = dict(read_tensors(path))  # copies, read one at a time
+        return read_quantized_storages(tensors, metadata)
+    except Exception as error:  # a damaged or older cache entry is rebuilt by _quantize_cached
+        _log(f"quantized cache {path} unreadable ({type(error).__name__}); quantizing again")
+        return None
 
 
 def _quantize_cached(model: nn.Module, fmt, path, cached, dtype: torch.dtype, quantize_lm_head: bool, progress: bool,
@@ -237,10 +240,12 @@ def _load_safetensors_dir(source: ModelSource, dtype: torch.dtype, skip: set[str
     """
     from pathlib import Path
 
-    from qlorakit.files.safetensors_read import map_tensors, tensor_names
+    from safetensors import safe_open
+
+    from qlorakit.files.safetensors_read import read_tensors, tensor_names
 
     model = build_skeleton(load_config(source), dtype, device="meta")
-    files = sorted(Path(source.location).glob("*.safetensors"))
+    files = _checkpoint_files(Path(source.location))
     keys = {name for path in files for name in tensor_names(path)}
     own = {name for name, _ in model.named_parameters(remove_duplicate=False)} | set(dict(model.named_buffers()))
     foreign = sorted(keys - own)
@@ -249,22 +254,28 @@ def _load_safetensors_dir(source: ModelSource, dtype: torch.dtype, skip: set[str
         _log(f"{source.spec}: loaded by transformers, whole model in memory before quantizing ({why})")
         return None
     linear_names = set(linear_layer_names(model))
-    wanted = {key for key in keys if not (key.endswith(".weight") and key.removesuffix(".weight") in skip)}
+    to_quantize = {f"{name}.weight" for name in linear_names - skip} if quantize is not None else set()
+    kept = {key for key in keys - to_quantize if not (key.endswith(".weight") and key.removesuffix(".weight") in skip)}
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, tuple[object, object]] = {}
-    bar = tqdm(total=len(wanted), desc=f"reading {source.name}", unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(total=len(kept) + len(to_quantize & keys), desc=f"reading {source.name}", unit="tensor",
+               disable=not progress, leave=False)
     for path in files:
-        for key, tensor in map_tensors(path, wanted):  # a view of its own mapping: a dropped weight leaves nothing resident
+        # Kept tensors: views of safetensors' one memory map of the file (resident only where used),
+        # converted where the file's dtype is not `dtype`.
+        with safe_open(str(path), framework="pt") as handle:
+            for key in kept & set(handle.keys()):
+                tensor = handle.get_tensor(key)
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                bar.update()
+        # Weights to quantize: read one at a time into memory of their own, dropped once quantized.
+        for key, tensor in read_tensors(path, to_quantize):
+            module_name = key.removesuffix(".weight")
+            tensor = tensor.to(dtype)
+            if type(model.get_submodule(module_name)).__name__ == "Conv1D":
+                tensor = tensor.t()  # GPT-2's Conv1D stores (in, out)
+            quantized[module_name] = (quantize.quantize(tensor), quantize)
             bar.update()
-            module_name, _, leaf = key.rpartition(".")
-            if tensor.is_floating_point():
-                tensor = tensor.to(dtype)  # a copy where the file's dtype differs; else the view, read as it is used
-            if quantize is not None and leaf == "weight" and module_name in linear_names:
-                if type(model.get_submodule(module_name)).__name__ == "Conv1D":
-                    tensor = tensor.t()  # GPT-2's Conv1D stores (in, out)
-                quantized[module_name] = (quantize.quantize(tensor), quantize)
-                continue
-            state[key] = tensor
     bar.close()
     _place_quantized(model, quantized, state, dtype)
     model = materialise(model, state, source, left_on_meta={f"{name}.weight" for name in skip})
@@ -273,6 +284,19 @@ def _load_safetensors_dir(source: ModelSource, dtype: torch.dtype, skip: set[str
 
         model.generation_config = GenerationConfig.from_pretrained(source.location)
     return model
+
+
+def _checkpoint_files(directory) -> list:
+    """The safetensors files transformers would read: those the index names, else model.safetensors,
+    else every *.safetensors file of the directory."""
+    import json
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    return sorted(directory.glob("*.safetensors"))
 
 
 def _place_quantized(model: nn.Module, quantized: dict[str, tuple[object, object]], state: dict[str, torch.Tensor],

@@ -36,8 +36,9 @@ e bytes of the compute dtype (bf16/fp16 2, fp32 4), r LoRA rank, P processes.
                  RETAINED_FRACTION of the dense model's bytes (RETAINED_FRACTION_CHECKPOINTING
                  with checkpointing); CUDA: the CUDA context and caching-allocator reserve.
 
-    peak = max(load, train):  load  = baseline + dense tensors in e + one linear weight in e
-                                      (quantized as it is read) + quantized weights (CPU only);
+    peak = max(load, train):  load  = baseline + dense tensors in e + the largest linear weight
+                                      as 3 fp32 copies (quantized as it is read) + quantized
+                                      weights (CPU only);
                                       with quant.method gguf baseline + dense tensors in e + the
                                       kept blocks, copied one tensor at a time
                               train = weights + adapters + gradients + optimizer + activations
@@ -246,14 +247,17 @@ def estimate(cfg: Config, shapes: ModelShapes, device: str = "cpu", processes: i
         parts["activations"] -= layer
         parts["recompute"] = max(0, layer - parts["loss"])
     if device == "cpu":
-        # What the loader builds in the compute dtype: the tensors that stay dense (embeddings, norms,
-        # head; every weight with quant.method none) and one linear weight in flight, quantized as
-        # soon as it is read (models/load.py); quant.method gguf keeps the file's blocks instead,
-        # each tensor's mapping released once it is copied (models/gguf_io.py). The quantized codes
-        # are held once, and under fsdp a rank copies only its shards out of a memory map.
+        # What the loader builds: the tensors that stay dense (embeddings, norms, head; every weight
+        # with quant.method none) in the compute dtype, and the largest linear weight in flight as it
+        # is quantized (models/load.py), counted as three fp32 copies (the weight and quantize()'s
+        # temporaries); quant.method gguf keeps the file's blocks instead, each tensor's mapping
+        # released once it is copied (models/gguf_io.py). The quantized codes are held once, and under
+        # fsdp a rank copies only its shards out of a memory map (a first run's rank 0, which writes
+        # the quantized cache, holds them whole once: not modelled).
         kept_blocks = cfg.quant.method == "gguf"
-        in_flight = 0 if kept_blocks or cfg.quant.method == "none" else max((i * o for i, o in shapes.lora), default=0)
-        built = (shapes.dense_parameters + in_flight) * e
+        largest = max((o * i for _, o, i in shapes.quantized), default=0)
+        in_flight = 0 if kept_blocks or cfg.quant.method == "none" else 3 * 4 * largest
+        built = shapes.dense_parameters * e + in_flight
         # The slack is fitted to the model's size in the compute dtype (bench/plan_accuracy.py): a
         # fit, not the load's leftovers, so it stays proportional to every parameter, as calibrated.
         model_bytes = (shapes.dense_parameters if kept_blocks else shapes.parameters) * e

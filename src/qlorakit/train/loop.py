@@ -215,16 +215,22 @@ def _train(cfg: Config, run_scope: contextlib.ExitStack, *, overwrite: bool, pro
 
     # 2. The model: quantized base, frozen, with adapters in fp32.
     torch.manual_seed(t.seed)
-    if sharded and not world.is_main:
-        world.barrier()  # fsdp: rank 0 loads first, writing the quantized cache every rank then maps
-    loaded = load_model(
-        source, dtype=cfg.model.dtype, quant=cfg.quant.method, group_size=cfg.quant.group_size,
-        double_quant=cfg.quant.double_quant, quantize_lm_head=cfg.quant.quantize_lm_head,
-        device="cpu" if sharded else device, progress=progress,  # fsdp: each rank moves only its shards to `device`
-        map_quantized=sharded,  # fsdp: a rank copies only its shards out of the file it maps (train/fsdp.py)
-    )
-    if sharded and world.is_main:
+    # fsdp with nf4/fp4/int4: the first rank of each node loads first, writing the quantized cache
+    # that the node's other ranks then map; every rank passes the one barrier, before or after loading.
+    first_on_node = world.local_rank == 0
+    serialize = sharded and cfg.quant.method not in ("gguf", "none")
+    if serialize and not first_on_node:
         world.barrier()
+    try:
+        loaded = load_model(
+            source, dtype=cfg.model.dtype, quant=cfg.quant.method, group_size=cfg.quant.group_size,
+            double_quant=cfg.quant.double_quant, quantize_lm_head=cfg.quant.quantize_lm_head,
+            device="cpu" if sharded else device, progress=progress,  # fsdp: each rank moves only its shards to `device`
+            map_quantized=sharded,  # fsdp: a rank copies only its shards out of the file it maps (train/fsdp.py)
+        )
+    finally:
+        if serialize and first_on_node:
+            world.barrier()  # also when loading failed: the waiting ranks go on (and fail) instead of hanging
     model = loaded.model
     torch.manual_seed(t.seed)
     targets = cfg.adapter.targets
