@@ -51,3 +51,22 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     assert load_file(str(entry))  # rewritten whole
+
+
+def test_each_compute_dtype_has_its_own_cache_entry(tmp_path, monkeypatch, smollm2_tokenizer):
+    """A weight rounded to bf16 before quantizing gives other codes than the fp32 weight: a bf16
+    load must not reuse an fp32 load's codes (nor the reverse)."""
+    from qlorakit.quant.linear import QuantLinear
+    from tests.conftest import save_tiny_llama
+
+    monkeypatch.setenv("QLORAKIT_CACHE", str(tmp_path / "cache"))
+    model_dir = save_tiny_llama(tmp_path / "model", smollm2_tokenizer)
+    fp32 = load_model(model_dir, dtype="fp32", quant="nf4", progress=False).model
+    bf16 = load_model(model_dir, dtype="bf16", quant="nf4", progress=False).model
+    assert len(list((tmp_path / "cache" / "quantized").glob("*.safetensors"))) == 2
+    fresh = load_model(model_dir, dtype="bf16", quant="nf4", progress=False).model  # from the bf16 entry
+    pairs = [(a.qweight.tensors, b.qweight.tensors) for a, b in zip(bf16.modules(), fresh.modules()) if isinstance(a, QuantLinear)]
+    assert pairs and all(torch.equal(a[k], b[k]) for a, b in pairs for k in a)
+    differs = [not torch.equal(a.qweight.tensors["absmax"], b.qweight.tensors["absmax"])
+               for a, b in zip(fp32.modules(), bf16.modules()) if isinstance(a, QuantLinear)]
+    assert any(differs)  # the two dtypes do quantize differently, so one shared entry would be wrong

@@ -371,13 +371,14 @@ def type_breakdown(path: str | os.PathLike) -> list[dict]:
 QUANT_CACHE_VERSION = 2  # bump when a format's quantize() output or the file layout (quant/replace.py quantized_storages) changes
 
 
-def quantized_cache_path(source, fmt, quantize_lm_head: bool) -> Path | None:
-    """Cache file for `source` quantized with `fmt`, or None for sources without local files."""
+def quantized_cache_path(source, fmt, quantize_lm_head: bool, dtype) -> Path | None:
+    """Cache file for `source` read in `dtype` and quantized with `fmt`, or None for sources without
+    local files. The dtype is part of the key: a weight rounded to bf16 first quantizes to other codes."""
     import transformers
 
     files = [Path(source.location)] if source.kind == "gguf" else sorted(Path(source.location).glob("*.safetensors"))
     if source.kind not in ("gguf", "hf_dir") or not files:
         return None
     stats = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    key = f"{stats}|{fmt.name}|{fmt.group_size}|{sorted(fmt.options().items())}|{quantize_lm_head}|v{QUANT_CACHE_VERSION}|{transformers.__version__}"
+    key = f"{stats}|{fmt.name}|{fmt.group_size}|{sorted(fmt.options().items())}|{quantize_lm_head}|{dtype}|v{QUANT_CACHE_VERSION}|{transformers.__version__}"
     return cache_root() / "quantized" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors")

@@ -97,7 +97,7 @@ def load_model(
         raise ModelSourceError(f"{source.spec}: a {prequantized.kind} checkpoint loads with quant.method int4 "
                                f"(its weights kept) or none, not {quant}")
     fmt = None if prequantized is not None else format_for_config(quant, group_size, double_quant)  # already int4
-    cache_path = gguf_io.quantized_cache_path(source, fmt, quantize_lm_head) if fmt is not None else None
+    cache_path = gguf_io.quantized_cache_path(source, fmt, quantize_lm_head, torch_dtype) if fmt is not None else None
     if map_quantized and fmt is not None:
         if cache_path is None:
             _log(f"map_quantized: {source.spec} has no local files to key a quantized cache by; "
